@@ -1,0 +1,41 @@
+"""tokenfx: compile transformers for fewer FLOPs per token.
+
+Public API::
+
+    g  = tokenfx.capture(model, example_inputs)      # tuple of tensors, or dict of keyword tensors
+    g2 = tokenfx.optimize(g, "fuse_norm")            # pipeline string or list of Pass objects
+    y  = g2.module()(**example_inputs)               # the captured calling convention
+    tokenfx.export_onnx(g2, "m.onnx")
+    g.structure                                      # the recovered ModelMap
+    tokenfx.load("tokenfx:minilm")                   # HF dir, .pt2, .onnx, bundled name, module:factory
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["capture", "optimize", "export_onnx", "load", "ModelGraph", "__version__"]
+
+
+def __getattr__(name):  # keep ``import tokenfx`` fast: torch-heavy modules load on first use
+    if name == "capture":
+        from tokenfx.frontends.torch_export import capture
+
+        return capture
+    if name == "optimize":
+        from tokenfx.passes.base import optimize
+
+        return optimize
+    if name == "export_onnx":
+        from tokenfx.frontends.onnx import export_onnx
+
+        return export_onnx
+    if name == "load":
+        from tokenfx.frontends.load import load
+
+        return load
+    if name == "ModelGraph":
+        from tokenfx.ir.graph import ModelGraph
+
+        return ModelGraph
+    raise AttributeError(f"module 'tokenfx' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Triton kernels for the tokenfx::* ops, one file per kernel family (imported lazily)."""

@@ -1,0 +1,48 @@
+"""Every error tokenfx raises on bad input, in one place.
+
+Each message names the problem in the user's terms: which model part, which option,
+which file. The CLI prints ``str(error)`` on one line and exits 2.
+"""
+
+from __future__ import annotations
+
+
+class TokenfxError(Exception):
+    """Base class: an error caused by the user's input, not by a bug in tokenfx."""
+
+
+class CaptureError(TokenfxError):
+    """The model could not be captured into a graph (export failed, bad example inputs)."""
+
+
+class MappingError(TokenfxError):
+    """The transformer structure could not be recovered (no blocks, no attention core ...)."""
+
+
+class PipelineSyntaxError(TokenfxError):
+    """A pipeline string such as ``fuse_norm,token_merge(r=8)`` is malformed."""
+
+    def __init__(self, text: str, position: int, message: str):
+        self.text, self.position = text, position
+        pointer = " " * position + "^"
+        super().__init__(f"pipeline syntax error at position {position}: {message}\n  {text}\n  {pointer}")
+
+
+class UnknownPassError(TokenfxError):
+    """A pass name or a pass option that does not exist."""
+
+
+class PassOptionError(TokenfxError):
+    """A pass option has an impossible value for this graph (e.g. r larger than the tokens)."""
+
+
+class ModelLoadError(TokenfxError):
+    """A model spec (path, bundled name, factory) that cannot be loaded."""
+
+
+class ExportError(TokenfxError):
+    """Writing a graph to .pt2 / .onnx failed."""
+
+
+class VerificationError(TokenfxError):
+    """``verify=True`` found the rewritten graph disagreeing with the original."""

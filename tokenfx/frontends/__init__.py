@@ -1,0 +1,1 @@
+"""Frontends: capture (torch.export), the torch.compile backend, loading, ONNX export."""

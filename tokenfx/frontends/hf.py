@@ -1,0 +1,70 @@
+"""Hugging Face models as plain-tensor modules that ``torch.export`` captures at every shape.
+
+Measured pitfall (DESIGN.md): a wrapper whose ``forward`` takes ``**kwargs`` exports, but its
+module fails at a new shape; a wrapper with explicit positional tensor arguments works. So
+:func:`wrap` builds a wrapper class whose ``forward`` names exactly the example's inputs.
+"""
+
+from __future__ import annotations
+
+import keyword
+
+import torch
+
+
+def is_hf_model(model) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # transformers is optional
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def is_causal_lm(model) -> bool:
+    return type(model).__name__.endswith("ForCausalLM") or hasattr(model, "lm_head") and not hasattr(model, "pooler")
+
+
+def plain_output(output):
+    """The tensor a user means: logits, else last hidden state, else the first tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find a tensor output in {type(output).__name__}")
+
+
+class _HFWrapperBase(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self._extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+
+    def _call(self, **inputs):
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        return plain_output(self.model(**inputs, **self._extra, return_dict=True))
+
+
+def wrap(model, input_names: list[str]) -> torch.nn.Module:
+    """``model`` (an HF ``PreTrainedModel``) as a module with ``forward(<input_names>)``."""
+    for name in input_names:
+        if not name.isidentifier() or keyword.iskeyword(name):
+            raise ValueError(f"input name {name!r} is not a Python identifier")
+    params = ", ".join(input_names)
+    call = ", ".join(f"{n}={n}" for n in input_names)
+    namespace: dict = {}
+    exec(f"def forward(self, {params}):\n    return self._call({call})\n", namespace)  # noqa: S102
+    cls = type(f"{type(model).__name__}Plain", (_HFWrapperBase,), {"forward": namespace["forward"]})
+    return cls(model)
+
+
+def max_tokens(config) -> int | None:
+    """The longest token axis the model's position scheme allows (BERT guards at 512)."""
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,1 @@
+"""Runtime: execute rewritten graphs."""
