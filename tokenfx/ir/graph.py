@@ -17,7 +17,6 @@ clone, never the caller's graph.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
@@ -61,7 +60,8 @@ class ModelGraph:
         self._structure = None
 
     def run_example(self):
-        return self.gm(*self.example_args, **self.example_kwargs)
+        with torch.no_grad():
+            return self.gm(*self.example_args, **self.example_kwargs)
 
     def count(self, target) -> int:
         """How many call_function nodes call ``target`` (an OpOverload or packet)."""
@@ -74,7 +74,7 @@ class ModelGraph:
         value_map: dict = {}
         out = new_graph.graph_copy(self.gm.graph, value_map)
         new_graph.output(out)
-        new_graph._codegen = copy.deepcopy(self.gm.graph._codegen)
+        new_graph._codegen = self.gm.graph._codegen  # signature (pytree specs) is unchanged by passes
         gm = torch.fx.GraphModule(self.gm, new_graph, class_name=type(self.gm).__name__)
         for attr in ("_in_spec", "_out_spec", "meta"):
             if hasattr(self.gm, attr):

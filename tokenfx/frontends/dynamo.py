@@ -1,0 +1,96 @@
+"""The ``tokenfx`` torch.compile backend.
+
+    torch.compile(model, backend="tokenfx", options={"passes": "fuse_norm", "inner": "inductor"})
+
+Stages, in order:
+
+1. Dynamo hands over the model's FX graph (registered via the ``torch_dynamo_backends``
+   entry point, so the name works after ``pip install``);
+2. AOTAutograd lowers it to an ATen forward graph (parameters become inputs; no
+   decompositions, so norms and SDPA stay recognisable);
+3. the graph is wrapped as a :class:`ModelGraph` (``source="aot"``) and the pipeline runs,
+   the ModelMap normalising ``L['self'].model.layers.0`` style module paths;
+4. the rewritten graph goes to Inductor (``inner="inductor"``, the default, which applies
+   its own decompositions) or runs as it is (``inner="eager"``).
+
+Dynamo's automatic dynamic shapes mark the token dim dynamic at the first new length, so
+a model compiles at most twice, not once per sequence length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tokenfx.errors import PassOptionError
+
+INNERS = ("inductor", "eager")
+
+
+@dataclasses.dataclass
+class BackendOptions:
+    passes: object = "fuse_norm"  # pipeline string or list of Pass objects
+    inner: str = "inductor"
+    on_error: str = "raise"  # "raise" | "fallback" (run the graph unrewritten, keep going)
+
+
+# compile statistics, for users and tests: how many graphs the backend compiled, what matched
+COMPILE_LOG: list[dict] = []
+
+
+def _options(options: dict | None) -> BackendOptions:
+    options = dict(options or {})
+    known = {f.name for f in dataclasses.fields(BackendOptions)}
+    unknown = set(options) - known
+    if unknown:
+        raise PassOptionError(f"tokenfx backend: unknown option(s) {sorted(unknown)}; valid options: {sorted(known)}")
+    opts = BackendOptions(**options)
+    if opts.inner not in INNERS:
+        raise PassOptionError(f"tokenfx backend: inner must be one of {INNERS}, got {opts.inner!r}")
+    return opts
+
+
+def tokenfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
+    opts = _options({**(options or {}), **kwargs})
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from tokenfx.ir.graph import ModelGraph
+    from tokenfx.passes.base import PassManager
+
+    def rewrite(fx_gm: torch.fx.GraphModule, inputs) -> torch.fx.GraphModule:
+        graph = ModelGraph(fx_gm, tuple(inputs), source="aot", family=type(gm).__name__)
+        entry = {"inputs": len(inputs), "passes": [], "error": None}
+        COMPILE_LOG.append(entry)
+        try:
+            report = PassManager(opts.passes).run(graph)
+        except Exception as exc:
+            if opts.on_error != "fallback":
+                raise
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            return fx_gm
+        entry["passes"] = [{"name": p.name, "matched": p.matched, "refused": p.refused} for p in report.passes]
+        return report.graph.gm
+
+    if opts.inner == "eager":
+        def forward_compiler(fx_gm, inputs):
+            return make_boxed_func(rewrite(fx_gm, inputs).forward)
+
+        return aot_autograd(fw_compiler=forward_compiler, inference_compiler=forward_compiler)(gm, example_inputs)
+
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+
+    # Inductor's own AOT step, minus the decompositions that would hide the patterns passes
+    # match (a decomposed LayerNorm is a dozen pointwise ops); norms that no pass rewrote
+    # then run as ATen kernels.
+    table = {op: fn for op, fn in select_decomp_table().items() if op not in _KEEP_FOR_PASSES}
+
+    def inner_compile(fx_gm, inputs, **kwargs):
+        return compile_fx_inner(rewrite(fx_gm, inputs), inputs, **kwargs)
+
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile, decompositions=table)
+
+
+_KEEP_FOR_PASSES = {torch.ops.aten.native_layer_norm.default}

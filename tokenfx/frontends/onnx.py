@@ -1,0 +1,97 @@
+"""ONNX export of a (rewritten) ModelGraph, runnable in plain onnxruntime.
+
+``export_onnx(graph, path)`` re-exports the graph with ``torch.export`` (same dynamic batch
+and token dims as the capture), translates every ``tokenfx::*`` op into standard ONNX ops
+through the onnxscript table in :mod:`tokenfx.codegen.ops`, checks the model with
+``onnx.checker`` and writes the file atomically (a failed export leaves no file behind).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tokenfx.errors import ExportError
+from tokenfx.ir.graph import ModelGraph
+
+
+def reexport(graph: ModelGraph) -> torch.export.ExportedProgram:
+    """The graph as an ExportedProgram with the capture's dynamic dims."""
+    if graph.source != "export":
+        raise ExportError("only graphs captured with tokenfx.capture can be exported (this one came from torch.compile)")
+    try:
+        with torch.no_grad():
+            return torch.export.export(graph.gm, graph.example_args, graph.example_kwargs,
+                                       dynamic_shapes=graph.dynamic_shapes, strict=False)
+    except Exception as exc:
+        raise ExportError(f"re-exporting the rewritten graph failed: {str(exc).strip().splitlines()[0]}") from exc
+
+
+def export_onnx(graph: ModelGraph, path, *, opset: int | None = None, check: bool = True) -> Path:
+    """Write ``graph`` to ``path`` as ONNX with dynamic batch/token axes. Returns the path."""
+    import onnx
+
+    from tokenfx.codegen.ops import onnx_translation_table
+
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ExportError(f"ONNX output must end in .onnx, got {path}")
+    if not path.parent.exists():
+        raise ExportError(f"output directory {path.parent} does not exist")
+    ep = reexport(graph)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.stem}.")
+    os.close(fd)
+    try:
+        kwargs = {"opset_version": opset} if opset else {}
+        try:
+            program = torch.onnx.export(ep, dynamo=True, custom_translation_table=onnx_translation_table(),
+                                        external_data=False, verbose=False, **kwargs)
+        except Exception as exc:
+            raise ExportError(f"ONNX export failed: {str(exc).strip().splitlines()[0]}") from exc
+        program.save(tmp)
+        if check:
+            model = onnx.load(tmp)
+            try:
+                onnx.checker.check_model(model, full_check=True)
+            except onnx.checker.ValidationError as exc:
+                raise ExportError(f"onnx.checker rejected the exported model: {str(exc).splitlines()[0]}") from exc
+            custom = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+            if custom:
+                raise ExportError(f"exported model still has non-standard ops: {custom}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_pt2(graph: ModelGraph, path) -> Path:
+    """Write ``graph`` as a ``.pt2`` ExportedProgram, atomically."""
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ExportError(f"program output must end in .pt2, got {path}")
+    if not path.parent.exists():
+        raise ExportError(f"output directory {path.parent} does not exist")
+    ep = reexport(graph)
+    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent, prefix=f".{path.stem}.")
+    os.close(fd)
+    try:
+        torch.export.save(ep, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def run_onnxruntime(path, inputs: dict) -> list:
+    """Run an exported model in onnxruntime (CPU) on named tensor inputs; returns numpy outputs."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = {name: inputs[name].detach().cpu().numpy() for name in names}
+    return session.run(None, feeds)

@@ -1,0 +1,85 @@
+"""``fuse_norm``: residual add followed by LayerNorm / RMSNorm → one ``tokenfx::add_norm``.
+
+Contract: exact (the same arithmetic; statistics in fp32, so only rounding order differs).
+
+Before::
+
+    h   = add(x, attn_out)                     # residual add, same shapes
+    n   = layer_norm(h, [C], w, b, eps)        # or rsqrt(mean(h²) + eps) * h * w
+    ... = mlp(n) ;  h2 = add(h, mlp_out)
+
+After::
+
+    fused = tokenfx.add_norm(x, attn_out, w, b, eps, "layernorm")
+    n, h  = fused[0], fused[1]
+    ... = mlp(n) ;  h2 = add(h, mlp_out)
+
+It works from the ModelMap's norms, so it fuses every norm the map knows (block norms,
+the final norm) whose input is a non-broadcasting add; TokenWeave later fuses the same op
+with the all-reduce. Norms over more than the last dim, and adds of mixed dtypes, are
+refused with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+
+from tokenfx.codegen import add_norm as _add_norm  # noqa: F401  (registers tokenfx::add_norm)
+from tokenfx.ir import aten as A
+from tokenfx.passes.base import Pass, PassResult, register
+
+
+@register
+class FuseNorm(Pass):
+    name = "fuse_norm"
+    contract = "exact"
+
+    @dataclasses.dataclass
+    class Options:
+        final_norm: bool = True  # also fuse the last residual add into the final norm
+
+    def run(self, graph):
+        structure = graph.structure
+        g = graph.gm.graph
+        matched, refused = [], []
+        order = {n: i for i, n in enumerate(g.nodes)}
+        final = structure.final_norm
+        for norm in structure.norms:
+            where = structure.path(norm.output)
+            if norm is final and not self.options.final_norm:
+                continue
+            add = norm.input
+            if add.op != "call_function" or add.target not in A.ADD:
+                continue
+            a, b = add.args[0], add.args[1]
+            if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+                continue
+            if A.shape(a) != A.shape(b) or A.shape(a) != A.shape(add):
+                continue  # a broadcasting add (bias, position embedding), not a residual add
+            if A.val(a).dtype != A.val(b).dtype:
+                refused.append((where, f"residual add mixes {A.val(a).dtype} and {A.val(b).dtype}"))
+                continue
+            if add.kwargs.get("alpha", 1) != 1:
+                refused.append((where, "residual add has alpha != 1"))
+                continue
+            if norm.kind == "layernorm" and len(norm.nodes[0].args[1]) != 1:
+                refused.append((where, "LayerNorm normalises more than the last dim"))
+                continue
+            anchor = max([add] + [x for x in (norm.weight, norm.bias) if isinstance(x, torch.fx.Node)], key=order.get)
+            with g.inserting_after(anchor):
+                fused = g.call_function(torch.ops.tokenfx.add_norm.default,
+                                        (a, b, norm.weight, norm.bias, norm.eps, norm.kind))
+            with g.inserting_after(fused):
+                normed = g.call_function(operator.getitem, (fused, 0))
+                summed = g.call_function(operator.getitem, (fused, 1))
+            for meta_src, new in ((norm.output, normed), (add, summed)):
+                new.meta.update({k: v for k, v in meta_src.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+            fused.meta["nn_module_stack"] = norm.output.meta.get("nn_module_stack")
+            norm.output.replace_all_uses_with(normed)
+            add.replace_all_uses_with(summed, delete_user_cb=lambda user: user is not fused)
+            matched.append(where)
+        g.eliminate_dead_code()
+        return PassResult(graph, matched, refused, {"fused": len(matched)})
