@@ -8,8 +8,11 @@ through the onnxscript table in :mod:`tokenfx.codegen.ops`, checks the model wit
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,8 +50,9 @@ def export_onnx(graph: ModelGraph, path, *, opset: int | None = None, check: boo
     try:
         kwargs = {"opset_version": opset} if opset else {}
         try:
-            program = torch.onnx.export(ep, dynamo=True, custom_translation_table=onnx_translation_table(),
-                                        external_data=False, verbose=False, **kwargs)
+            with _quiet_exporter():
+                program = torch.onnx.export(ep, dynamo=True, custom_translation_table=onnx_translation_table(),
+                                            external_data=False, verbose=False, **kwargs)
         except Exception as exc:
             raise ExportError(f"ONNX export failed: {str(exc).strip().splitlines()[0]}") from exc
         program.save(tmp)
@@ -66,6 +70,20 @@ def export_onnx(graph: ModelGraph, path, *, opset: int | None = None, check: boo
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs warnings about optional packages (torchvision ops) on every call."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def save_pt2(graph: ModelGraph, path) -> Path:

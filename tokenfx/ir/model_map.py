@@ -258,11 +258,23 @@ def _find_norms(nodes: list[Node]) -> list[Norm]:
             if n.target is not A.aten.rms_norm.default:
                 out = next((u for u in n.users if u.args[1] == 0), n)
             found.append(Norm("rmsnorm", n.args[0], out, w, None, float(eps if eps is not None else 1e-6), [n]))
+        elif n.target is _add_norm_op():
+            # a norm fused by fuse_norm: input is the residual sum, output the normed tensor
+            outs = {u.args[1]: u for u in n.users if u.target is operator.getitem}
+            if 0 not in outs:
+                continue
+            x, _, w, b, eps, kind = n.args
+            found.append(Norm(kind, outs.get(1, n), outs[0], w, b, float(eps), [n] + list(outs.values())))
         elif n.target is A.aten.rsqrt.default:
             norm = _match_decomposed_rms(n)
             if norm is not None:
                 found.append(norm)
     return found
+
+
+def _add_norm_op():
+    ops = getattr(torch.ops, "tokenfx", None)
+    return getattr(ops, "add_norm").default if ops is not None and hasattr(ops, "add_norm") else None
 
 
 def _match_decomposed_rms(rsqrt: Node) -> Norm | None:
@@ -477,7 +489,7 @@ def _build_block(name: str, index: int, members: list[Node], cores: list[Node], 
                 entering.append(a)
     if not entering:
         raise MappingError(f"no residual stream input found for block {name}")
-    block_input = max(entering, key=lambda a: (_numel_rank(a), -order[a]))
+    block_input = max(entering, key=lambda a: (_numel_rank(a), order[a]))
     hidden = hidden or _last_dim(block_input)
     leaving = [n for n in members if any(u not in member_set for u in n.users) and A.is_float_tensor(n)
                and A.shape(n) is not None and len(A.shape(n)) >= 3 and A.shape(n)[-1] == hidden]
@@ -489,11 +501,9 @@ def _build_block(name: str, index: int, members: list[Node], cores: list[Node], 
     if not block_norms:
         raise MappingError(f"no norm (LayerNorm or RMSNorm) found in block {name}")
     attn_in = A.linear_input_weight(first.q_proj)[0] if first.q_proj is not None else first.q
-    placement = "post"
-    for nm in block_norms:
-        if _reaches(attn_in, nm.output) and _reaches(nm.input, block_input):
-            placement = "pre"
-            break
+    # pre-norm: a norm of this block feeds the attention; post-norm: the block's norms come
+    # after attention (the attention reads the previous block's normed output)
+    placement = "pre" if any(_reaches(attn_in, nm.output) for nm in block_norms) else "post"
     attn_nodes = {first.q_proj, first.k_proj, first.v_proj, first.o_proj} | {a.o_proj for a in attention}
     mlp = [n for n in members if A.is_linear(n) and n not in attn_nodes
            and not any(n in (a.q_proj, a.k_proj, a.v_proj) for a in attention)]

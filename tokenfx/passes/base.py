@@ -248,21 +248,13 @@ class PassReport:
     description: str
     contract: str
     seconds: float
-    nodes_before: int
-    nodes_after: int
+    nodes_added: int
+    nodes_removed: int
     matched: list[str]
     refused: list[tuple[str, str]]
     stats: dict
     max_abs_error: float | None = None
     tolerance: float | None = None
-
-    @property
-    def nodes_added(self) -> int:
-        return max(0, self.nodes_after - self.nodes_before)
-
-    @property
-    def nodes_removed(self) -> int:
-        return max(0, self.nodes_before - self.nodes_after)
 
     @property
     def verified(self) -> bool | None:
@@ -305,7 +297,7 @@ class PassManager:
         current = graph
         for p in self.passes:
             work = current.clone()
-            before = len(work.graph.nodes)
+            before = set(work.graph.nodes)
             start = time.perf_counter()
             result = p.run(work)
             new = result.graph
@@ -313,7 +305,8 @@ class PassManager:
             new.invalidate()  # lint + recompile
             propagate(new.gm)  # shapes agree with the rewritten graph
             seconds = time.perf_counter() - start
-            report = PassReport(p.name, p.describe(), p.contract, seconds, before, len(new.graph.nodes),
+            after = set(new.graph.nodes)
+            report = PassReport(p.name, p.describe(), p.contract, seconds, len(after - before), len(before - after),
                                 result.matched, result.refused, result.stats)
             if self.verify:
                 outputs = _flat_outputs(new.run_example())

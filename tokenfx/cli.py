@@ -1,0 +1,219 @@
+"""The ``tokenfx`` command.
+
+    tokenfx inspect MODEL [--json]
+    tokenfx passes [--json]
+    tokenfx rewrite MODEL --passes P -o OUT.pt2|OUT.onnx [--verify] [--emit-kernels DIR] [--json]
+    tokenfx demo [--model SPEC] [--out DIR]
+
+MODEL is anything :func:`tokenfx.load` accepts. Errors print one line and exit 2 (a full
+traceback with ``--debug``); outputs are written atomically, so a failed run leaves none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:  # piped or captured: don't squeeze tables into 80 columns
+        console = Console(stderr=stderr, highlight=False, width=120)
+    return console
+
+
+def _err_console():
+    return _console(stderr=True)
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    import tokenfx
+
+    graph = tokenfx.load(args.model)
+    structure = graph.structure
+    data = structure.to_json()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    render_structure(_console(), data, title=f"{args.model}")
+    return 0
+
+
+def render_structure(console, data: dict, title: str) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]{title}[/bold]  family [cyan]{data['family']}[/cyan] · {data['num_blocks']} blocks · "
+                  f"hidden {data['hidden_size']} · position [cyan]{data['position']}[/cyan] · token axis {data['token_axis']}")
+    console.print(f"embeddings: {', '.join(data['embeddings']) or '—'} · final norm: {data['final_norm'] or '—'} · head: {data['head'] or '—'}")
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("block", "norm", "placement", "core", "heads", "kv heads", "head dim", "causal", "mlp proj"):
+        table.add_column(col)
+    for b in data["blocks"]:
+        a = b["attention"]
+        table.add_row(b["name"], b["norm"], b["norm_placement"], a["core"], str(a["heads"]), str(a["kv_heads"]),
+                      str(a["head_dim"]), "yes" if a["causal"] else "no", str(b["mlp_projections"]))
+    console.print(table)
+
+
+# -- passes ----------------------------------------------------------------------------------------
+def pass_catalogue() -> list[dict]:
+    from tokenfx.passes.base import registered_passes
+
+    out = []
+    for name, cls in registered_passes().items():
+        options = [{"name": f.name, "type": getattr(f.type, "__name__", str(f.type)),
+                    "default": f.default if f.default is not dataclasses.MISSING else None}
+                   for f in dataclasses.fields(cls.Options)]
+        doc = (cls.__doc__ or __import__("sys").modules[cls.__module__].__doc__ or "").strip().splitlines()
+        out.append({"name": name, "contract": cls.contract, "summary": doc[0] if doc else "", "options": options})
+    return out
+
+
+def cmd_passes(args) -> int:
+    catalogue = pass_catalogue()
+    if args.json:
+        print(json.dumps(catalogue, indent=2, default=str))
+        return 0
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("pass", "contract", "options", "what it does"):
+        table.add_column(col)
+    for p in catalogue:
+        opts = ", ".join(f"{o['name']}: {o['type']} = {o['default']!r}" for o in p["options"]) or "—"
+        table.add_row(p["name"], p["contract"], opts, p["summary"])
+    _console().print(table)
+    return 0
+
+
+# -- rewrite ---------------------------------------------------------------------------------------
+def cmd_rewrite(args) -> int:
+    import tokenfx
+    from tokenfx.errors import ExportError
+    from tokenfx.frontends.onnx import export_onnx, save_pt2
+    from tokenfx.passes.base import PassManager
+
+    out = Path(args.output)
+    if out.suffix not in (".pt2", ".onnx"):
+        raise ExportError(f"-o must name a .pt2 or .onnx file, got {out}")
+    if not out.parent.exists():
+        raise ExportError(f"output directory {out.parent} does not exist")
+    manager = PassManager(args.passes, verify=args.verify)  # parse before the (slow) load
+    console = _err_console() if args.json else _console()
+    with console.status("loading and capturing the model"):
+        graph = tokenfx.load(args.model)
+    with console.status(f"running {args.passes}"):
+        report = manager.run(graph)
+    with console.status(f"writing {out}"):
+        (export_onnx if out.suffix == ".onnx" else save_pt2)(report.graph, out)
+    kernels = []
+    if args.emit_kernels:
+        from tokenfx.codegen.emit import emit_kernels
+
+        kernels = [str(p) for p in emit_kernels(report.graph.gm, args.emit_kernels)]
+    summary = {
+        "model": str(args.model), "output": str(out), "passes": [_pass_json(p) for p in report.passes],
+        "kernels": kernels,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        render_passes(console, report.passes)
+        console.print(f"wrote [bold]{out}[/bold]" + (f" and {len(kernels)} kernel file(s) in {args.emit_kernels}" if kernels else ""))
+    return 0
+
+
+def _pass_json(p) -> dict:
+    return {"name": p.name, "options": p.description, "contract": p.contract, "seconds": round(p.seconds, 4),
+            "nodes_added": p.nodes_added, "nodes_removed": p.nodes_removed, "matched": p.matched,
+            "refused": [{"where": w, "why": y} for w, y in p.refused], "max_abs_error": p.max_abs_error,
+            "tolerance": p.tolerance, "stats": p.stats}
+
+
+def render_passes(console, passes) -> None:
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("pass", "contract", "time", "nodes", "matched", "refused", "max |error|"):
+        table.add_column(col)
+    for p in passes:
+        err = "—" if p.max_abs_error is None else f"{p.max_abs_error:.2e} (tol {p.tolerance:.1e})"
+        table.add_row(p.description, p.contract, f"{p.seconds * 1000:.0f} ms", f"+{p.nodes_added} −{p.nodes_removed}",
+                      str(len(p.matched)), str(len(p.refused)), err)
+    console.print(table)
+    for p in passes:
+        for where, why in p.refused:
+            console.print(f"  [yellow]{p.name} refused[/yellow] {where}: {why}")
+
+
+# -- demo ------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from tokenfx.demo import run_demo
+
+    return run_demo(args.model, Path(args.out), console=_console())
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenfx", description="Compile transformers for fewer FLOPs per token.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="show the recovered transformer structure (ModelMap)")
+    p.add_argument("model", help="HF directory, .pt2, tokenfx:<name> or package.module:factory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("passes", help="list the passes, their options and contracts")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("rewrite", help="run a pass pipeline and write .pt2 or .onnx")
+    p.add_argument("model")
+    p.add_argument("--passes", required=True, help='pipeline, e.g. "fuse_norm"')
+    p.add_argument("-o", "--output", required=True, help="OUT.pt2 or OUT.onnx")
+    p.add_argument("--verify", action="store_true", help="compare outputs with the original after each pass")
+    p.add_argument("--emit-kernels", metavar="DIR", help="write the specialised Triton source of each new op")
+    p.add_argument("--json", action="store_true", help="print the pass report as JSON")
+    p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("demo", help="the main job end to end on the bundled default model")
+    p.add_argument("--model", default="tokenfx:minilm")
+    p.add_argument("--out", default="out/demo", help="where the rewritten model and report go")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        from tokenfx.errors import TokenfxError
+
+        message = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, TokenfxError):
+            _err_console().print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+            return 2
+        first = message.splitlines()[0]
+        _err_console().print(f"[red]internal error:[/red] {type(exc).__name__}: {first} (run with --debug for the traceback)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""``tokenfx rewrite --emit-kernels DIR``: write the Triton source each op of a graph runs.
+
+One standalone, readable file per distinct specialisation (op, hidden size, dtype, flags),
+named after it, e.g. ``add_norm_rmsnorm_C512_float32.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tokenfx.codegen.ops import spec_for_target
+
+
+def kernel_specialisations(gm: torch.fx.GraphModule) -> dict[str, tuple[str, dict]]:
+    """``{file name: (triton module, emit_source kwargs)}`` for every tokenfx op node."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        spec = spec_for_target(node.target)
+        if spec is None:
+            continue
+        if spec.name == "add_norm":
+            x, _, weight, bias, eps, kind = node.args
+            val = x.meta["val"]
+            dtype = str(val.dtype).replace("torch.", "")
+            kwargs = dict(C=int(val.shape[-1]), kind=kind, has_weight=weight is not None, has_bias=bias is not None,
+                          dtype=dtype, eps=float(eps))
+            flags = ("w" if weight is not None else "") + ("b" if bias is not None else "")
+            name = f"add_norm_{kind}_C{kwargs['C']}_{dtype}{'_' + flags if flags else ''}_eps{eps:g}.py"
+            out[name] = (spec.triton_module, kwargs)
+    return out
+
+
+def emit_kernels(gm: torch.fx.GraphModule, directory) -> list[Path]:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (module_name, kwargs) in sorted(kernel_specialisations(gm).items()):
+        source = importlib.import_module(module_name).emit_source(**kwargs)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(source)
+        os.replace(tmp, directory / name)
+        written.append(directory / name)
+    return written

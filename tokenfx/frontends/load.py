@@ -1,0 +1,169 @@
+"""``tokenfx.load(spec)``: every way a user names a model, to a captured :class:`ModelGraph`.
+
+Accepted specs:
+
+- ``tokenfx:<name>`` — a bundled model (:mod:`tokenfx.assets`);
+- a Hugging Face model directory (``config.json`` + ``model.safetensors``);
+- a ``.pt2`` file written by ``torch.export.save`` (or ``tokenfx rewrite -o x.pt2``);
+- ``package.module:factory`` — ``factory()`` returns an ``nn.Module`` (Hugging Face) or a
+  ``(module, example_inputs)`` pair.
+
+Hugging Face models are captured with synthetic example inputs (batch 2, 16 tokens, or
+images at the config's size); the graph stays dynamic in batch and tokens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from tokenfx.errors import ModelLoadError
+from tokenfx.ir.graph import ModelGraph
+
+
+def load(spec, example_inputs=None) -> ModelGraph:
+    from tokenfx.frontends.torch_export import capture
+
+    if isinstance(spec, ModelGraph):
+        return spec
+    if isinstance(spec, torch.nn.Module):
+        return capture(spec, example_inputs if example_inputs is not None else example_inputs_for(spec))
+    spec = str(spec)
+    if spec.startswith("tokenfx:"):
+        from tokenfx import assets
+
+        return load(assets.path(spec.split(":", 1)[1]), example_inputs)
+    path = Path(spec)
+    if path.suffix == ".pt2":
+        return load_pt2(path)
+    if path.suffix == ".onnx":
+        if not path.exists():
+            raise ModelLoadError(f"no such model file: {path}")
+        raise ModelLoadError(f"{path}: importing ONNX graphs for rewriting is not supported yet; "
+                             "pass the PyTorch / Hugging Face model instead")
+    if path.is_dir():
+        model = load_hf_model(path)
+        return capture(model, example_inputs if example_inputs is not None else example_inputs_for(model))
+    if ":" in spec and not path.exists() and not spec.startswith(("/", ".")):
+        module, factory = load_factory(spec)
+        if isinstance(module, ModelGraph):
+            return module
+        if example_inputs is None:
+            example_inputs = factory or example_inputs_for(module)
+        return capture(module, example_inputs)
+    if not path.exists():
+        raise ModelLoadError(f"no such model file or directory: {spec}")
+    raise ModelLoadError(f"{spec}: not a model (expected a Hugging Face directory, a .pt2 file, "
+                         "tokenfx:<name> or package.module:factory)")
+
+
+def load_hf_model(directory: Path, dtype=None) -> torch.nn.Module:
+    """The Hugging Face model in ``directory``, in eval mode, with its own architecture class."""
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"{directory} is not a Hugging Face model directory: config.json is missing")
+    try:
+        config_data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
+    weights = list(directory.glob("*.safetensors")) + list(directory.glob("pytorch_model*.bin"))
+    if not weights:
+        raise ModelLoadError(f"{directory} has no weights (model.safetensors)")
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelLoadError("loading a Hugging Face directory needs transformers: pip install 'tokenfx[hf]'") from exc
+    architectures = config_data.get("architectures") or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    cls = cls or transformers.AutoModel
+    try:
+        model = cls.from_pretrained(str(directory), **({"dtype": dtype} if dtype else {}))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load the model in {directory}: {first}") from exc
+    return model.eval()
+
+
+def example_inputs_for(model: torch.nn.Module, batch: int = 2, tokens: int = 16) -> dict:
+    """Synthetic inputs for a Hugging Face model: token ids + mask, or images."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ModelLoadError(f"{type(model).__name__} is not a Hugging Face model: give example inputs "
+                             "(or return (module, example_inputs) from the factory)")
+    generator = torch.Generator().manual_seed(0)
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        channels = getattr(config, "num_channels", 3)
+        return {"pixel_values": torch.randn(batch, channels, size, size, generator=generator)}
+    vocab = getattr(config, "vocab_size", 100)
+    ids = torch.randint(0, vocab, (batch, tokens), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def load_pt2(path: Path) -> ModelGraph:
+    if not path.exists():
+        raise ModelLoadError(f"no such model file: {path}")
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a valid .pt2 file: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+    args, kwargs, dynamic = _examples_from_program(ep)
+    gm = ep.module()
+    return ModelGraph(gm, args, kwargs, dynamic, family=str(ep.graph_module.meta.get("family", "pt2")), source="export")
+
+
+def _examples_from_program(ep) -> tuple[tuple, dict, object]:
+    """Example tensors and a dynamic_shapes spec rebuilt from a program's input signature."""
+    from torch.export.graph_signature import InputKind
+
+    user_inputs = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    dims: dict = {}
+    ranges = ep.range_constraints
+    values = []
+    specs = []
+    for spec in user_inputs:
+        fake = placeholders[spec.arg.name].meta["val"]
+        shape, dim_spec = [], {}
+        for i, size in enumerate(fake.shape):
+            if isinstance(size, torch.SymInt):
+                expr = size.node.expr
+                vr = ranges.get(expr)
+                lo = max(int(vr.lower), 2) if vr is not None else 2
+                hi = int(vr.upper) if vr is not None and vr.upper.is_finite else None
+                if str(expr) not in dims:
+                    dims[str(expr)] = torch.export.Dim(f"d{str(expr)}", min=max(1, lo if lo < 2 else 1), max=hi) if hi else torch.export.Dim(f"d{str(expr)}")
+                dim_spec[i] = dims[str(expr)]
+                shape.append(max(lo, 2) if hi is None or hi >= 2 else hi)
+            else:
+                shape.append(int(size))
+        if fake.is_floating_point():
+            values.append(torch.randn(shape, dtype=fake.dtype))
+        else:
+            values.append(torch.zeros(shape, dtype=fake.dtype) if fake.dtype != torch.bool else torch.ones(shape, dtype=torch.bool))
+        specs.append(dim_spec or None)
+    names = list(ep.module_call_graph[0].signature.in_spec.children()[1].context) if ep.module_call_graph else []
+    if names and len(names) == len(values) and ep.module_call_graph[0].signature.in_spec.children()[0].num_children == 0:
+        return (), dict(zip(names, values)), dict(zip(names, specs))
+    return tuple(values), {}, tuple(specs)
+
+
+def load_factory(spec: str):
+    """``package.module:factory`` → (module, example_inputs or None)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"cannot import {module_name!r} from model spec {spec!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelLoadError(f"{module_name!r} has no callable {attr!r} (model spec {spec!r})")
+    result = factory()
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
+        return result[0].eval(), result[1]
+    if isinstance(result, (torch.nn.Module, ModelGraph)):
+        return result, None
+    raise ModelLoadError(f"{spec} returned {type(result).__name__}; expected an nn.Module or (module, example_inputs)")
