@@ -1,0 +1,96 @@
+"""tokenfx.load: every spec kind, and a clear error for each bad one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+import tokenfx
+from tokenfx.errors import ModelLoadError
+
+
+def test_bundled_minilm_is_the_pretrained_sentence_embedder():
+    graph = tokenfx.load("tokenfx:minilm")
+    s = graph.structure
+    assert (graph.family, s.num_blocks, s.hidden_size) == ("bert", 6, 384)
+    # a pretrained model: its word embeddings are not random-init scale
+    weight = next(v for k, v in graph.gm.state_dict().items() if "word_embeddings" in k)
+    assert weight.shape == (30522, 384)
+
+
+def test_unknown_bundled_name_lists_the_known_ones():
+    with pytest.raises(ModelLoadError, match="unknown bundled model 'nope'.*minilm"):
+        tokenfx.load("tokenfx:nope")
+
+
+def test_hf_directory_round_trip(tmp_path):
+    model = models.llama()
+    model.save_pretrained(tmp_path)
+    graph = tokenfx.load(tmp_path)
+    ids = torch.randint(0, models.VOCAB, (3, 11))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        got = graph.module()(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert graph.structure.position == "rope"
+
+
+def test_factory_with_example_inputs():
+    graph = tokenfx.load("factories:encoder_with_inputs")
+    assert graph.structure.num_blocks == 2
+    assert graph.structure.position == "none"
+
+
+def test_pt2_round_trip_keeps_rewritten_ops(tmp_path):
+    from tokenfx.frontends.onnx import save_pt2
+
+    graph = tokenfx.optimize(tokenfx.load("factories:tiny_bert"), "fuse_norm")
+    path = save_pt2(graph, tmp_path / "bert.pt2")
+    loaded = tokenfx.load(path)
+    assert loaded.count(torch.ops.tokenfx.add_norm.default) == graph.count(torch.ops.tokenfx.add_norm.default) == 4
+    ids = torch.randint(0, models.VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module()(input_ids=ids, attention_mask=torch.ones_like(ids)),
+                                   graph.module()(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    # the ModelMap recognises fused norms in a loaded, rewritten graph
+    assert loaded.structure.num_blocks == 2 and loaded.structure.blocks[0].norm_placement == "post"
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("/definitely/missing", "no such model file or directory"),
+        ("missing.pt2", "no such model file"),
+        ("factories:not_a_model", "returned int"),
+        ("factories:nothing_here", "has no callable 'nothing_here'"),
+        ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
+    ],
+)
+def test_bad_specs(spec, message):
+    with pytest.raises(ModelLoadError, match=message):
+        tokenfx.load(spec)
+
+
+def test_corrupt_pt2(tmp_path):
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a zip archive")
+    with pytest.raises(ModelLoadError, match="not a valid .pt2 file"):
+        tokenfx.load(bad)
+
+
+def test_corrupt_hf_directory(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="config.json is not valid JSON"):
+        tokenfx.load(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelLoadError, match="has no weights"):
+        tokenfx.load(tmp_path)
+
+
+def test_onnx_spec_is_refused_clearly(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="importing ONNX graphs for rewriting is not supported"):
+        tokenfx.load(path)

@@ -1,0 +1,116 @@
+"""The tokenfx command: each subcommand's output contract, and bad input → one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tokenfx.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_json_contract(capsys):
+    code, out, _ = run(capsys, "inspect", "factories:tiny_llama", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["family"] == "llama" and data["num_blocks"] == 2
+    assert data["position"] == "rope" and data["token_axis"] == 1
+    block = data["blocks"][0]
+    assert block["name"] == "model.layers.0"
+    assert (block["norm"], block["norm_placement"]) == ("rmsnorm", "pre")
+    assert block["attention"] == {"heads": 4, "kv_heads": 2, "head_dim": 8, "causal": True, "core": "sdpa"}
+
+
+def test_inspect_table(capsys):
+    code, out, _ = run(capsys, "inspect", "factories:tiny_bert")
+    assert code == 0
+    assert "encoder.layer.1" in out and "post" in out and "layernorm" in out
+
+
+def test_passes_lists_fuse_norm(capsys):
+    code, out, _ = run(capsys, "passes", "--json")
+    assert code == 0
+    by_name = {p["name"]: p for p in json.loads(out)}
+    assert by_name["fuse_norm"]["contract"] == "exact"
+    assert by_name["fuse_norm"]["options"] == [{"name": "final_norm", "type": "bool", "default": True}]
+
+
+def test_rewrite_onnx_with_verify_and_kernels(capsys, tmp_path):
+    out_file = tmp_path / "llama.onnx"
+    kernels = tmp_path / "kernels"
+    code, out, _ = run(capsys, "rewrite", "factories:tiny_llama", "--passes", "fuse_norm", "-o", str(out_file),
+                       "--verify", "--emit-kernels", str(kernels), "--json")
+    assert code == 0
+    summary = json.loads(out)
+    (report,) = summary["passes"]
+    assert report["name"] == "fuse_norm" and len(report["matched"]) == 4
+    assert report["max_abs_error"] <= report["tolerance"]
+    assert out_file.exists() and out_file.stat().st_size > 0
+    files = sorted(p.name for p in kernels.iterdir())
+    assert files == ["add_norm_rmsnorm_C32_float32_w_eps1e-06.py"]
+    compile((kernels / files[0]).read_text(), files[0], "exec")  # standalone, valid Python
+
+
+def test_rewrite_pt2(capsys, tmp_path):
+    out_file = tmp_path / "bert.pt2"
+    code, out, _ = run(capsys, "rewrite", "factories:tiny_bert", "--passes", "fuse_norm(final_norm=false)", "-o", str(out_file))
+    assert code == 0 and out_file.exists()
+    assert "fuse_norm" in out and "wrote" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["rewrite", "factories:tiny_bert", "--passes", "fuse_norm,,x"], "position 10"),
+        (["rewrite", "factories:tiny_bert", "--passes", "fuse_nrom"], "valid passes: fuse_norm"),
+        (["rewrite", "factories:tiny_bert", "--passes", "fuse_norm(bogus=1)"], "valid options: final_norm"),
+        (["rewrite", "/no/such/model", "--passes", "fuse_norm"], "no such model file or directory"),
+        (["rewrite", "factories:mlp_only", "--passes", "fuse_norm"], "no attention core found"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_file(capsys, tmp_path, argv, message):
+    out_file = tmp_path / "out.onnx"
+    code, _, err = run(capsys, *argv, "-o", str(out_file))
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_output_suffix(capsys, tmp_path):
+    code, _, err = run(capsys, "rewrite", "factories:tiny_bert", "--passes", "fuse_norm", "-o", str(tmp_path / "x.bin"))
+    assert code == 2 and ".pt2 or .onnx" in err
+
+
+def test_failed_export_leaves_nothing(capsys, tmp_path, monkeypatch):
+    import torch
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(torch.onnx, "export", boom)
+    code, _, err = run(capsys, "rewrite", "factories:tiny_bert", "--passes", "fuse_norm", "-o", str(tmp_path / "m.onnx"))
+    assert code == 2 and "ONNX export failed: exporter exploded" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from tokenfx.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError):
+        main(["--debug", "inspect", str(tmp_path / "missing")])
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tokenfx.cli", "inspect", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
