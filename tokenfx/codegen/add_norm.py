@@ -64,11 +64,25 @@ def _(x, residual, weight, bias, eps, kind):
     return add_norm_triton(x, residual, weight, bias, eps, kind)
 
 
-def add_norm_onnx(x, residual, weight, bias, eps: float, kind: str):
-    """onnxscript translation: Add + LayerNormalization / RMSNormalization-equivalent ops."""
-    from tokenfx.codegen.onnx_add_norm import translate
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, kind = inputs
+    ctx.save_for_backward(x, residual, weight, bias)
+    ctx.eps, ctx.kind = eps, kind
 
-    return translate(x, residual, weight, bias, eps, kind)
+
+def _backward(ctx, grad_normed, grad_summed):
+    # Differentiate the reference: the op is small and this keeps one definition of its math.
+    saved = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in saved]
+        normed, summed = add_norm_reference(*leaves, ctx.eps, ctx.kind)
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad((normed, summed), wrt, (grad_normed, grad_summed), allow_unused=True))
+    out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+    return (*out, None, None)
+
+
+add_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 register_op(
@@ -76,4 +90,5 @@ register_op(
     op=torch.ops.tokenfx.add_norm.default,
     reference=add_norm_reference,
     triton_module="tokenfx.codegen.triton.add_norm",
+    onnx_translation="tokenfx.codegen.onnx_add_norm:translate",
 )

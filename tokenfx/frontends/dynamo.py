@@ -10,8 +10,9 @@ Stages, in order:
    decompositions, so norms and SDPA stay recognisable);
 3. the graph is wrapped as a :class:`ModelGraph` (``source="aot"``) and the pipeline runs,
    the ModelMap normalising ``L['self'].model.layers.0`` style module paths;
-4. the rewritten graph goes to Inductor (``inner="inductor"``, the default, which applies
-   its own decompositions) or runs as it is (``inner="eager"``).
+4. the rewritten graph goes to Inductor (``inner="inductor"``, the default) or runs as it
+   is (``inner="eager"``). Inductor calls each tokenfx op's Triton kernel on CUDA; on CPU
+   the ops' plain-torch references are inlined so Inductor fuses them into its own kernels.
 
 Dynamo's automatic dynamic shapes mark the token dim dynamic at the first new length, so
 a model compiles at most twice, not once per sequence length.
@@ -82,13 +83,19 @@ def tokenfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
 
+    from tokenfx.codegen.ops import inline_references
+
     # Inductor's own AOT step, minus the decompositions that would hide the patterns passes
     # match (a decomposed LayerNorm is a dozen pointwise ops); norms that no pass rewrote
     # then run as ATen kernels.
     table = {op: fn for op, fn in select_decomp_table().items() if op not in _KEEP_FOR_PASSES}
 
     def inner_compile(fx_gm, inputs, **kwargs):
-        return compile_fx_inner(rewrite(fx_gm, inputs), inputs, **kwargs)
+        rewritten = rewrite(fx_gm, inputs)
+        if not any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in inputs):
+            # no Triton on this device: let Inductor fuse the ops' references itself
+            rewritten = inline_references(rewritten, inputs)
+        return compile_fx_inner(rewritten, inputs, **kwargs)
 
     return compile_fx(gm, example_inputs, inner_compile=inner_compile, decompositions=table)
 
