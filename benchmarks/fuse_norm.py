@@ -23,13 +23,15 @@ so that other load on the machine hits them alike. Every variant's logits are co
 the eager model's (max abs diff). Compile times are cold: Inductor's on-disk cache points at
 a fresh temporary folder unless TORCHINDUCTOR_CACHE_DIR is set.
 
-On CPU ``tokenfx::add_norm`` runs its plain-torch reference as an opaque custom op, so no
-speed-up is expected here; the fused kernel's speed needs a GPU (the Triton kernel).
+On CPU ``tokenfx::add_norm`` runs its plain-torch reference as an opaque custom op (in (b)
+the backend hands Inductor that reference inlined), so no speed-up is expected here; the
+fused kernel's speed needs a GPU (the Triton kernel).
 
 Run::
 
     python benchmarks/fuse_norm.py            # --quick (default), a few minutes on 2 cores
     python benchmarks/fuse_norm.py --full     # compiled at batch 4 too, 10 repeats
+    python benchmarks/fuse_norm.py --threads 1  # steadier on a machine shared with other work
 
 Writes ``<out>/fuse_norm.json`` and ``<out>/fuse_norm.png`` (default out: benchmarks/results).
 """
@@ -74,9 +76,9 @@ WARMUP = 1
 
 NOTE = (
     "On CPU the tokenfx::add_norm op runs its plain-torch reference (an opaque custom op), so no "
-    "speed-up is expected here: the fused graph does the same arithmetic as the unfused one, and under "
-    "torch.compile Inductor cannot fuse into the opaque op. The kernel's real speed needs a GPU (the "
-    "Triton kernel), which this run did not have."
+    "speed-up is expected here: the fused graph does the same arithmetic as the unfused one. The "
+    "kernel's real speed needs a GPU (the Triton kernel), which this run did not have. (In the "
+    "torch.compile path without a GPU, the tokenfx backend hands Inductor that reference inlined.)"
 )
 
 
@@ -293,9 +295,10 @@ def plot(results: dict, path: Path) -> None:
         ("inductor", lambda r: r["median_ms"]["inductor"]),
         ("tokenfx(fuse_norm) → inductor", lambda r: r["median_ms"]["tokenfx_inductor"]),
     ], "(b) torch.compile")
-    cpu = results["machine"]["cpu_model"] or results["machine"]["processor"] or results["machine"]["machine"]
-    fig.suptitle(f"fuse_norm on a Llama (hidden 512, 8 layers), fp32, CPU: {cpu}, "
-                 f"{results['machine']['cpu_count']} cores. No GPU: add_norm runs its torch reference.",
+    machine = results["machine"]
+    cpu = machine["cpu_model"] or machine["processor"] or machine["machine"]
+    fig.suptitle(f"fuse_norm on a Llama (hidden 512, 8 layers), fp32, CPU: {cpu}, {machine['cpu_count']} cores, "
+                 f"{machine['torch_threads']} torch thread(s). No GPU: add_norm runs its torch reference.",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -314,10 +317,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="output folder (default: benchmarks/results)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant and shape")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice, one per core); on a "
+                             "machine shared with other work, 1 avoids stalls at OpenMP barriers")
     args = parser.parse_args(argv)
-    repeats = args.repeats or {"quick": 5, "full": 10}[args.mode]
+    repeats = args.repeats if args.repeats is not None else {"quick": 5, "full": 10}[args.mode]
     if repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
     console = Console()
@@ -329,18 +339,23 @@ def main(argv=None) -> None:
     columns = (TextColumn("{task.description:<58}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with torch.inference_mode(), Progress(*columns, console=console) as progress:
         task = progress.add_task("building", total=steps)
+        section_start = time.perf_counter()
         eager = measure_eager(model, repeats, progress, task)
+        eager["section_s"] = time.perf_counter() - section_start
+        section_start = time.perf_counter()
         # The tokenfx backend's AOT step has the same AOTAutogradCache key as plain Inductor's, so
         # with the cache on, the tokenfx variant loads the Inductor artifact and fuse_norm never
         # runs (torch 2.13). Off for both variants, so both compile the same way.
         with torch._functorch.config.patch(enable_autograd_cache=False):
             compiled = measure_compiled(model, compiled_shapes, repeats, progress, task)
+        compiled["section_s"] = time.perf_counter() - section_start
 
     results = {
         "benchmark": "fuse_norm",
         "mode": args.mode,
         "repeats": repeats,
         "warmup": WARMUP,
+        "threads": args.threads if args.threads is not None else "torch default",
         "statistic": "median of timed runs, torch.inference_mode, variants interleaved",
         "ratio_meaning": "baseline latency / rewritten latency; > 1 means the rewrite is faster",
         "machine": machine_info(),
@@ -357,8 +372,6 @@ def main(argv=None) -> None:
     json_path, png_path = args.out / "fuse_norm.json", args.out / "fuse_norm.png"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, png_path)
-    if _FRESH_INDUCTOR_CACHE:
-        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
     summarize(console, results)
     console.print(f"wrote {json_path} and {png_path} in {results['total_runtime_s']:.0f} s")
 
@@ -367,7 +380,7 @@ def summarize(console: Console, results: dict) -> None:
     from rich.table import Table
 
     table = Table(title="(a) eager: median ms, ratio = baseline / fuse_norm")
-    for column in ("B", "N", "HF eager", "captured", "+fuse_norm", "captured/fused", "HF/fused", "max |diff|"):
+    for column in ("B", "N", "HF", "captured", "fused", "cap/fused", "HF/fused", "max|diff|"):
         table.add_column(column, justify="right")
     for r in results["eager"]["measurements"]:
         v = r["variants"]
@@ -380,7 +393,7 @@ def summarize(console: Console, results: dict) -> None:
 
     compiled = results["compiled"]
     table = Table(title="(b) torch.compile: median ms, ratio = inductor / tokenfx")
-    for column in ("B", "N", "inductor", "tokenfx→inductor", "ratio", "max |diff|"):
+    for column in ("B", "N", "inductor", "tokenfx", "ratio", "max|diff|"):
         table.add_column(column, justify="right")
     for i, r in enumerate(compiled["measurements"]):
         diff = max(compiled["variants"][name]["shapes"][i]["max_abs_diff_vs_hf_eager"] for name in COMPILED_VARIANTS)
@@ -393,4 +406,8 @@ def summarize(console: Console, results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if _FRESH_INDUCTOR_CACHE:
+            shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)

@@ -8,6 +8,7 @@ weight or bias, or applies it in the wrong place, changes the output.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -132,12 +133,15 @@ def hidden_inputs(batch: int, tokens: int, *, seed: int = 0) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A tiny model of one family with its example inputs at any shape."""
+    """A tiny model of one family, how to make its inputs at any shape, and its layer count."""
 
     name: str
-    build: object  # () -> nn.Module
-    inputs: object  # (batch, tokens, seed) -> dict | tuple
+    factory: object  # (layers=..., **kw) -> nn.Module
+    inputs: object  # (batch, tokens, seed=0) -> dict | tuple
     layers: int = LAYERS
+
+    def model(self, **kw) -> torch.nn.Module:
+        return self.factory(layers=self.layers, **kw)
 
     def __repr__(self) -> str:
         return self.name
@@ -147,7 +151,7 @@ def _tok(batch, tokens, seed=0):
     return token_inputs(batch, tokens, seed=seed)
 
 
-def _img(batch, tokens, seed=0):
+def _img(batch, tokens, seed=0):  # tokens are fixed by the image size
     return image_inputs(batch, seed=seed)
 
 
@@ -155,14 +159,42 @@ def _hid(batch, tokens, seed=0):
     return hidden_inputs(batch, tokens, seed=seed)
 
 
+def _encoder_post(layers, **kw):
+    return encoder(layers, norm_first=False, **kw)
+
+
+def _encoder_pre(layers, **kw):
+    return encoder(layers, norm_first=True, **kw)
+
+
+# layer counts differ on purpose, so nothing can pass by assuming a fixed depth
 FAMILIES = {
-    "llama": Family("llama", llama, _tok),
-    "gpt2": Family("gpt2", gpt2, _tok),
-    "bert": Family("bert", bert, _tok),
-    "vit": Family("vit", vit, _img),
-    "encoder_post": Family("encoder_post", lambda: encoder(norm_first=False), _hid),
-    "encoder_pre": Family("encoder_pre", lambda: encoder(norm_first=True), _hid),
+    "llama": Family("llama", llama, _tok, layers=2),
+    "gpt2": Family("gpt2", gpt2, _tok, layers=3),
+    "bert": Family("bert", bert, _tok, layers=2),
+    "vit": Family("vit", vit, _img, layers=1),
+    "encoder_post": Family("encoder_post", _encoder_post, _hid, layers=3),
+    "encoder_pre": Family("encoder_pre", _encoder_pre, _hid, layers=2),
 }
+
+# the capture example: batch 2, 7 tokens (ViT: 16 patches + CLS, fixed by the image size)
+EXAMPLE = (2, 7)
+
+
+def captured(name: str, impl: str = "sdpa"):
+    """``(model, graph)`` for ``FAMILIES[name]`` captured at :data:`EXAMPLE`; cached for the session.
+
+    Tests must not mutate the returned graph (passes work on clones)."""
+    return _captured(name, impl)
+
+
+@functools.lru_cache(maxsize=None)
+def _captured(name: str, impl: str):
+    import tokenfx
+
+    family = FAMILIES[name]
+    model = family.model(impl=impl) if impl != "sdpa" else family.model()
+    return model, tokenfx.capture(model, family.inputs(*EXAMPLE))
 
 
 def call(model, inputs):

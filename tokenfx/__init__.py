@@ -14,7 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "optimize", "export_onnx", "load", "ModelGraph", "__version__"]
+__all__ = ["capture", "optimize", "export_onnx", "load", "assets", "ModelGraph", "__version__"]
 
 
 def __getattr__(name):  # keep ``import tokenfx`` fast: torch-heavy modules load on first use
@@ -34,6 +34,10 @@ def __getattr__(name):  # keep ``import tokenfx`` fast: torch-heavy modules load
         from tokenfx.frontends.load import load
 
         return load
+    if name == "assets":
+        import tokenfx.assets as assets
+
+        return assets
     if name == "ModelGraph":
         from tokenfx.ir.graph import ModelGraph
 

@@ -97,7 +97,12 @@ def tokenfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
             rewritten = inline_references(rewritten, inputs)
         return compile_fx_inner(rewritten, inputs, **kwargs)
 
-    return compile_fx(gm, example_inputs, inner_compile=inner_compile, decompositions=table)
+    # AOTAutograd's cache keys on the Dynamo graph, not on inner_compile: a plain-Inductor
+    # entry for the same model would be returned and the passes silently skipped.
+    import torch._functorch.config as functorch_config
+
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile, decompositions=table)
 
 
 _KEEP_FOR_PASSES = {torch.ops.aten.native_layer_norm.default}

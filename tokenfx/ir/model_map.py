@@ -174,8 +174,7 @@ def recover_model_map(graph) -> ModelMap:
         block_cores = [c for c in cores if core_block[c] == name]
         blocks.append(_build_block(name, index, members, block_cores, norms, order))
 
-    hidden = blocks[0].attention[0].q_proj and _last_dim(A.linear_input_weight(blocks[0].attention[0].q_proj)[0])
-    hidden = _last_dim(blocks[-1].output) or hidden
+    hidden = _last_dim(blocks[-1].output)
     block_node_set = {n for b in blocks for n in b.nodes}
     first_block_start = min(order[n] for n in blocks[0].nodes)
     last_out = blocks[-1].output
@@ -200,9 +199,6 @@ def _strip(path: str | None, prefix: str) -> str | None:
     if path is None:
         return None
     return path[len(prefix):] if prefix and path.startswith(prefix) else path
-
-
-_INDEXED = re.compile(r"^(.*?\.?\d+)(?:\.|$)")
 
 
 def _outermost_indexed(path: str) -> str | None:
