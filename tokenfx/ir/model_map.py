@@ -374,11 +374,16 @@ def _attention_for_core(core: Node, path: str) -> Attention:
     head_dim = int(qs[-1])
     heads = int(qs[-3]) if len(qs) >= 4 else None
     q_width, q_proj, q_path = _projection_of(q, head_dim)
-    k_width, k_proj, _ = _projection_of(k, head_dim)
+    k_width, k_proj, k_path = _projection_of(k, head_dim)
     _, v_proj, _ = _projection_of(v, head_dim)
     if heads is None:
         heads = q_width // head_dim
-    kv_heads = k_width // head_dim if k_width else heads
+    ks = A.shape(k)
+    if len(ks) >= 4 and isinstance(ks[-3], int):
+        # heads of K at the core, before GQA's repeat (expand / repeat_interleave) on its path
+        kv_heads = ks[-3] // _repeat_factor(k_path)
+    else:
+        kv_heads = k_width // head_dim if k_width else heads
     causal = causal_flag or (mask is not None and _is_causal_mask(mask))
     uses_rope = any(
         n.target in A.MUL and any(isinstance(x, Node) and any(an.target in A.TRIG for an in A.ancestors(x, 60) | {x})
@@ -403,24 +408,68 @@ def _mask_of_scores(softmax: Node, scores: Node) -> Node | None:
 def _projection_of(x: Node, head_dim: int):
     """Walk back from an attention input to its projection.
 
-    Returns (width, projection node, path): ``width`` is the feature size of the last tensor
-    on the path not yet split into heads (e.g. the k_proj output's 16 for 2 kv-heads × 8).
+    Returns (width, projection node, path): ``width`` is the feature size of the tensor on
+    the path still laid out like the projection's rows (e.g. the k_proj output's 16 for
+    2 kv-heads × 8, or a fused-QKV split's slice), found by comparing the product of its
+    leading dims with the projection input's.
     """
-    path, width, cur = [], None, x
+    path, cur, projection = [], x, None
     for _ in range(40):
         path.append(cur)
-        s = A.shape(cur)
-        if s is not None and len(s) <= 3 and width is None and s[-1] != head_dim or (width is None and A.is_linear(cur)):
-            width = int(s[-1]) if s else None
         if A.is_linear(cur):
-            return width, cur, path
+            projection = cur
+            break
         if cur.op != "call_function":
             break
-        targs = [cur.args[0]] if cur.target is operator.getitem else A.tensor_args(cur)
-        if not targs:
+        nxt = _data_input(cur)
+        if nxt is None:
             break
-        cur = targs[0]
-    return width, None, path
+        cur = nxt
+    if projection is None:  # no projection found: the widest non-head tensor on the path
+        widths = [A.shape(n) for n in path if A.shape(n) and len(A.shape(n)) <= 3 and A.shape(n)[-1] != head_dim]
+        return (int(widths[0][-1]) if widths else None), None, path
+    rows = _leading_product(A.shape(A.linear_input_weight(projection)[0]))
+    for node in path:
+        s = A.shape(node)
+        if s is not None and len(s) >= 2 and _leading_product(s) == rows:
+            return int(s[-1]), projection, path
+    return int(A.shape(projection)[-1]), projection, path
+
+
+def _repeat_factor(path: list[Node]) -> int:
+    """How many times K/V heads are repeated along ``path`` (1 without GQA repeats)."""
+    factor = 1
+    for node in path:
+        if node.target in A._ops("expand", "repeat_interleave.self_int", "repeat"):
+            before, after = A.shape(_data_input(node)), A.shape(node)
+            if before is None or after is None:
+                continue
+            before = (1,) * (len(after) - len(before)) + tuple(before)
+            for b, a in zip(before, after):
+                if isinstance(a, int) and isinstance(b, int) and b and a != b:
+                    factor *= a // b
+    return factor
+
+
+def _data_input(node: Node) -> Node | None:
+    """The input that carries the data through ``node``: for getitem / cat the first piece,
+    else the tensor argument with the most elements that is not a parameter (so a q-norm's
+    weight or RoPE's cos table is not followed)."""
+    if node.target is operator.getitem:
+        return node.args[0] if isinstance(node.args[0], Node) else None
+    if node.target in A._ops("cat") and node.args and isinstance(node.args[0], (list, tuple)):
+        return next((a for a in node.args[0] if isinstance(a, Node)), None)
+    candidates = [a for a in A.tensor_args(node) if not A.is_parameter_like(a)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda a: (_numel_rank(a), -candidates.index(a)))
+
+
+def _leading_product(s):
+    product = 1
+    for d in s[:-1]:
+        product = product * d
+    return str(product.node.expr if isinstance(product, torch.SymInt) else product)
 
 
 def _output_projection(core: Node) -> Node | None:

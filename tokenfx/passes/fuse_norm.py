@@ -26,6 +26,7 @@ import dataclasses
 import operator
 
 import torch
+from torch.fx.passes.tools_common import legalize_graph
 
 from tokenfx.codegen import add_norm as _add_norm  # noqa: F401  (registers tokenfx::add_norm)
 from tokenfx.ir import aten as A
@@ -83,5 +84,18 @@ class FuseNorm(Pass):
             norm.output.replace_all_uses_with(normed)
             add.replace_all_uses_with(summed, delete_user_cb=lambda user: user is not fused)
             matched.append(where)
-        g.eliminate_dead_code()
+        if not _topologically_ordered(g):
+            # a norm weight computed inside the norm (Gemma's 1 + w) can sit after users of the
+            # residual sum; a stable topological sort puts every node after its inputs again
+            legalize_graph(graph.gm)
+        graph.gm.graph.eliminate_dead_code()
         return PassResult(graph, matched, refused, {"fused": len(matched)})
+
+
+def _topologically_ordered(graph: torch.fx.Graph) -> bool:
+    seen = set()
+    for node in graph.nodes:
+        if any(arg not in seen for arg in node.all_input_nodes):
+            return False
+        seen.add(node)
+    return True
