@@ -27,3 +27,8 @@ def mlp_only():
 
 def not_a_model():
     return 42
+
+
+def encoder_with_tensor_input():
+    model, (x,) = encoder_with_inputs()
+    return model, x

@@ -114,3 +114,12 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_emit_kernels_into_a_file_fails_before_writing(capsys, tmp_path):
+    blocker = tmp_path / "kernels"
+    blocker.write_text("a file, not a directory")
+    code, _, err = run(capsys, "rewrite", "factories:tiny_bert", "--passes", "fuse_norm", "-o", str(tmp_path / "m.pt2"),
+                       "--emit-kernels", str(blocker))
+    assert code == 2 and "is not a directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels"]

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -74,7 +73,7 @@ def pass_catalogue() -> list[dict]:
         options = [{"name": f.name, "type": getattr(f.type, "__name__", str(f.type)),
                     "default": f.default if f.default is not dataclasses.MISSING else None}
                    for f in dataclasses.fields(cls.Options)]
-        doc = (cls.__doc__ or __import__("sys").modules[cls.__module__].__doc__ or "").strip().splitlines()
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         out.append({"name": name, "contract": cls.contract, "summary": doc[0] if doc else "", "options": options})
     return out
 
@@ -109,18 +108,26 @@ def cmd_rewrite(args) -> int:
     if not out.parent.exists():
         raise ExportError(f"output directory {out.parent} does not exist")
     manager = PassManager(args.passes, verify=args.verify)  # parse before the (slow) load
+    kernel_dir = Path(args.emit_kernels) if args.emit_kernels else None
+    if kernel_dir is not None and kernel_dir.exists() and not kernel_dir.is_dir():
+        raise ExportError(f"--emit-kernels: {kernel_dir} exists and is not a directory")
     console = _err_console() if args.json else _console()
     with console.status("loading and capturing the model"):
         graph = tokenfx.load(args.model)
     with console.status(f"running {args.passes}"):
         report = manager.run(graph)
+    sources = {}
+    if kernel_dir is not None:  # build every kernel source before writing anything
+        from tokenfx.codegen.emit import kernel_sources
+
+        sources = kernel_sources(report.graph.gm)
     with console.status(f"writing {out}"):
         (export_onnx if out.suffix == ".onnx" else save_pt2)(report.graph, out)
     kernels = []
-    if args.emit_kernels:
-        from tokenfx.codegen.emit import emit_kernels
+    if kernel_dir is not None:
+        from tokenfx.codegen.emit import write_kernels
 
-        kernels = [str(p) for p in emit_kernels(report.graph.gm, args.emit_kernels)]
+        kernels = [str(p) for p in write_kernels(sources, kernel_dir)]
     summary = {
         "model": str(args.model), "output": str(out), "passes": [_pass_json(p) for p in report.passes],
         "kernels": kernels,

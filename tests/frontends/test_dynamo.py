@@ -100,3 +100,18 @@ def test_bad_pipeline_raises_or_falls_back(fresh_dynamo):
     (entry,) = COMPILE_LOG[start:]
     assert "UnknownPassError" in entry["error"] and "fuse_nrom" in entry["error"]
     assert entry["passes"] == []
+
+
+def test_backward_graph_is_left_alone():
+    """Training through the backend: the forward is rewritten, the backward graph is not mapped."""
+    import models
+
+    torch._dynamo.reset()
+    model = models.llama(1)
+    ids = torch.randint(0, models.VOCAB, (2, 6))
+    compiled = torch.compile(model, backend="tokenfx", options={"passes": "fuse_norm", "inner": "eager"})
+    compiled(input_ids=ids, use_cache=False).logits.sum().backward()
+    reference = models.llama(1)
+    reference(input_ids=ids, use_cache=False).logits.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -94,3 +94,8 @@ def test_onnx_spec_is_refused_clearly(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(ModelLoadError, match="importing ONNX graphs for rewriting is not supported"):
         tokenfx.load(path)
+
+
+def test_factory_returning_a_bare_tensor_input():
+    graph = tokenfx.load("factories:encoder_with_tensor_input")
+    assert graph.structure.num_blocks == 2

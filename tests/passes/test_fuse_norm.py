@@ -248,3 +248,18 @@ def test_options_parse():
     (p,) = parse_pipeline(" fuse_norm ( final_norm = FALSE ) ")
     assert isinstance(p, FuseNorm) and p.options.final_norm is False
     assert [type(x) for x in parse_pipeline("fuse_norm,fuse_norm()")] == [FuseNorm, FuseNorm]
+
+
+def test_float64_model_stays_exact():
+    """The fused op computes in the input's precision when that is wider than fp32 (LayerNorm
+    in fp64 does; HF's RMSNorm casts to fp32 itself, so it is not the case to test)."""
+    from models import bert
+
+    graph = tokenfx.capture(bert().double(), token_inputs(2, 7))
+    report = PassManager("fuse_norm", verify=True).run(graph)
+    assert report.passes[0].max_abs_error < 1e-12
+
+
+def test_options_cannot_be_smuggled_through_the_pipeline():
+    with pytest.raises(UnknownPassError, match="no option 'options'"):
+        parse_pipeline("fuse_norm(options=1)")

@@ -1,8 +1,8 @@
 """``tokenfx::add_norm``: residual add fused with LayerNorm or RMSNorm.
 
     normed, summed = add_norm(x, residual, weight, bias, eps, kind)
-    summed = x + residual                       (rounded to x.dtype, as the unfused graph does)
-    normed = norm(summed) * weight (+ bias)     (statistics in fp32, cast back to x.dtype)
+    summed = x + residual                       (in the add's promoted dtype, as the unfused graph does)
+    normed = norm(summed) * weight (+ bias)     (statistics in at least fp32, cast back to x.dtype)
 
 Shapes: x, residual ``[..., C]``; weight, bias ``[C]`` or None; kind ``"layernorm"`` or
 ``"rmsnorm"``. The four implementations DESIGN.md asks for live here: fake (shape
@@ -22,7 +22,7 @@ KINDS = ("layernorm", "rmsnorm")
 def add_norm_reference(x, residual, weight, bias, eps: float, kind: str):
     """Plain-torch reference. Returns ``(normed, summed)``, both ``x.dtype``, shape of x."""
     summed = x + residual
-    s = summed.float()
+    s = summed.to(torch.promote_types(summed.dtype, torch.float32))  # fp64 stays fp64
     if kind == "layernorm":
         var, mean = torch.var_mean(s, dim=-1, keepdim=True, correction=0)
         y = (s - mean) * torch.rsqrt(var + eps)
@@ -31,9 +31,9 @@ def add_norm_reference(x, residual, weight, bias, eps: float, kind: str):
     else:
         raise ValueError(f"add_norm: kind must be one of {KINDS}, got {kind!r}")
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(s.dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(s.dtype)
     return y.to(x.dtype), summed
 
 
@@ -59,7 +59,7 @@ def _(x, residual, weight, bias, eps, kind):
 def _(x, residual, weight, bias, eps, kind):
     from tokenfx.codegen.triton.add_norm import add_norm_triton
 
-    if x.dtype != residual.dtype:
+    if x.dtype != residual.dtype or x.dtype == torch.float64:  # the kernel computes in fp32
         return add_norm_reference(x, residual, weight, bias, eps, kind)
     return add_norm_triton(x, residual, weight, bias, eps, kind)
 

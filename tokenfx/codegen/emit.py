@@ -1,7 +1,7 @@
 """``tokenfx rewrite --emit-kernels DIR``: write the Triton source each op of a graph runs.
 
 One standalone, readable file per distinct specialisation (op, hidden size, dtype, flags),
-named after it, e.g. ``add_norm_rmsnorm_C512_float32.py``.
+named after it, e.g. ``add_norm_rmsnorm_C512_float32_w_eps1e-06.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from tokenfx.codegen.ops import spec_for_target
+from tokenfx.errors import ExportError
 
 
 def kernel_specialisations(gm: torch.fx.GraphModule) -> dict[str, tuple[str, dict]]:
@@ -37,15 +38,27 @@ def kernel_specialisations(gm: torch.fx.GraphModule) -> dict[str, tuple[str, dic
     return out
 
 
-def emit_kernels(gm: torch.fx.GraphModule, directory) -> list[Path]:
+def kernel_sources(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """``{file name: standalone Triton source}`` for every tokenfx op node of ``gm``."""
+    return {name: importlib.import_module(module).emit_source(**kwargs)
+            for name, (module, kwargs) in sorted(kernel_specialisations(gm).items())}
+
+
+def write_kernels(sources: dict[str, str], directory) -> list[Path]:
+    """Write ``sources`` into ``directory`` (created if missing), each file atomically."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"--emit-kernels: {directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, (module_name, kwargs) in sorted(kernel_specialisations(gm).items()):
-        source = importlib.import_module(module_name).emit_source(**kwargs)
+    for name, source in sources.items():
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
         with os.fdopen(fd, "w") as handle:
             handle.write(source)
         os.replace(tmp, directory / name)
         written.append(directory / name)
     return written
+
+
+def emit_kernels(gm: torch.fx.GraphModule, directory) -> list[Path]:
+    return write_kernels(kernel_sources(gm), directory)

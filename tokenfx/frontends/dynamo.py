@@ -6,8 +6,8 @@ Stages, in order:
 
 1. Dynamo hands over the model's FX graph (registered via the ``torch_dynamo_backends``
    entry point, so the name works after ``pip install``);
-2. AOTAutograd lowers it to an ATen forward graph (parameters become inputs; no
-   decompositions, so norms and SDPA stay recognisable);
+2. AOTAutograd lowers it to an ATen forward graph (parameters become inputs; LayerNorm is
+   kept whole so norms and SDPA stay recognisable; backward graphs are left alone);
 3. the graph is wrapped as a :class:`ModelGraph` (``source="aot"``) and the pipeline runs,
    the ModelMap normalising ``L['self'].model.layers.0`` style module paths;
 4. the rewritten graph goes to Inductor (``inner="inductor"``, the default) or runs as it
@@ -49,6 +49,8 @@ def _options(options: dict | None) -> BackendOptions:
     opts = BackendOptions(**options)
     if opts.inner not in INNERS:
         raise PassOptionError(f"tokenfx backend: inner must be one of {INNERS}, got {opts.inner!r}")
+    if opts.on_error not in ("raise", "fallback"):
+        raise PassOptionError(f"tokenfx backend: on_error must be 'raise' or 'fallback', got {opts.on_error!r}")
     return opts
 
 
@@ -78,7 +80,11 @@ def tokenfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         def forward_compiler(fx_gm, inputs):
             return make_boxed_func(rewrite(fx_gm, inputs).forward)
 
-        return aot_autograd(fw_compiler=forward_compiler, inference_compiler=forward_compiler)(gm, example_inputs)
+        def backward_compiler(fx_gm, inputs):  # gradients: no transformer structure to rewrite
+            return make_boxed_func(fx_gm.forward)
+
+        return aot_autograd(fw_compiler=forward_compiler, inference_compiler=forward_compiler,
+                            bw_compiler=backward_compiler)(gm, example_inputs)
 
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
@@ -91,6 +97,8 @@ def tokenfx_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     table = {op: fn for op, fn in select_decomp_table().items() if op not in _KEEP_FOR_PASSES}
 
     def inner_compile(fx_gm, inputs, **kwargs):
+        if kwargs.get("is_backward"):  # gradients: no transformer structure to rewrite
+            return compile_fx_inner(fx_gm, inputs, **kwargs)
         rewritten = rewrite(fx_gm, inputs)
         if not any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in inputs):
             # no Triton on this device: let Inductor fuse the ops' references itself

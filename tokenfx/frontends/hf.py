@@ -20,10 +20,6 @@ def is_hf_model(model) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def is_causal_lm(model) -> bool:
-    return type(model).__name__.endswith("ForCausalLM") or hasattr(model, "lm_head") and not hasattr(model, "pooler")
-
-
 def plain_output(output):
     """The tensor a user means: logits, else last hidden state, else the first tensor."""
     if isinstance(output, torch.Tensor):

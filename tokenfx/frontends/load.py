@@ -48,11 +48,11 @@ def load(spec, example_inputs=None) -> ModelGraph:
         model = load_hf_model(path)
         return capture(model, example_inputs if example_inputs is not None else example_inputs_for(model))
     if ":" in spec and not path.exists() and not spec.startswith(("/", ".")):
-        module, factory = load_factory(spec)
+        module, factory_inputs = load_factory(spec)
         if isinstance(module, ModelGraph):
             return module
         if example_inputs is None:
-            example_inputs = factory or example_inputs_for(module)
+            example_inputs = factory_inputs if factory_inputs is not None else example_inputs_for(module)
         return capture(module, example_inputs)
     if not path.exists():
         raise ModelLoadError(f"no such model file or directory: {spec}")
@@ -60,7 +60,7 @@ def load(spec, example_inputs=None) -> ModelGraph:
                          "tokenfx:<name> or package.module:factory)")
 
 
-def load_hf_model(directory: Path, dtype=None) -> torch.nn.Module:
+def load_hf_model(directory: Path) -> torch.nn.Module:
     """The Hugging Face model in ``directory``, in eval mode, with its own architecture class."""
     config_file = directory / "config.json"
     if not config_file.exists():
@@ -80,7 +80,7 @@ def load_hf_model(directory: Path, dtype=None) -> torch.nn.Module:
     cls = getattr(transformers, architectures[0], None) if architectures else None
     cls = cls or transformers.AutoModel
     try:
-        model = cls.from_pretrained(str(directory), **({"dtype": dtype} if dtype else {}))
+        model = cls.from_pretrained(str(directory))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load the model in {directory}: {first}") from exc
@@ -132,12 +132,12 @@ def _examples_from_program(ep) -> tuple[tuple, dict, object]:
             if isinstance(size, torch.SymInt):
                 expr = size.node.expr
                 vr = ranges.get(expr)
-                lo = max(int(vr.lower), 2) if vr is not None else 2
+                lo = max(int(vr.lower), 2) if vr is not None else 2  # export specialises sizes 0 and 1
                 hi = int(vr.upper) if vr is not None and vr.upper.is_finite else None
                 if str(expr) not in dims:
-                    dims[str(expr)] = torch.export.Dim(f"d{str(expr)}", min=max(1, lo if lo < 2 else 1), max=hi) if hi else torch.export.Dim(f"d{str(expr)}")
+                    dims[str(expr)] = torch.export.Dim(f"d{expr}", min=1, max=hi) if hi else torch.export.Dim(f"d{expr}")
                 dim_spec[i] = dims[str(expr)]
-                shape.append(max(lo, 2) if hi is None or hi >= 2 else hi)
+                shape.append(lo)
             else:
                 shape.append(int(size))
         if fake.is_floating_point():
@@ -161,7 +161,10 @@ def load_factory(spec: str):
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ModelLoadError(f"{module_name!r} has no callable {attr!r} (model spec {spec!r})")
-    result = factory()
+    try:
+        result = factory()
+    except Exception as exc:
+        raise ModelLoadError(f"model factory {spec} raised {type(exc).__name__}: {exc}") from exc
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
         return result[0].eval(), result[1]
     if isinstance(result, (torch.nn.Module, ModelGraph)):

@@ -49,6 +49,7 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True, dyn
             names = [p for p in inspect.signature(model.forward).parameters][: len(args)]
             kwargs, args = dict(zip(names, args)), ()
         module = hf.wrap(model, list(kwargs))
+    was_training = model.training
     module.eval()
 
     if dynamic_shapes is None and dynamic:
@@ -59,6 +60,8 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True, dyn
     except Exception as exc:  # torch raises many types; the user needs the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first}") from exc
+    finally:
+        model.train(was_training)
     gm = ep.module()
     _remove_identity_ops(gm)
     return ModelGraph(gm, args, kwargs, dynamic_shapes, family=family, config=config, source="export")
@@ -71,7 +74,7 @@ def _default_dynamic_shapes(args, kwargs, max_tokens):
     batch_size = all_inputs[0].shape[0] if all_inputs and all_inputs[0].dim() else None
     token_len = None
     for name, value in list(kwargs.items()) + [(None, a) for a in args]:
-        if name not in _BATCH_ONLY and value.dim() >= 2:
+        if name not in _BATCH_ONLY and 2 <= value.dim() <= 3:
             token_len = value.shape[1]
             break
 
@@ -79,7 +82,7 @@ def _default_dynamic_shapes(args, kwargs, max_tokens):
         dims = {}
         if value.dim() >= 1 and value.shape[0] == batch_size and batch_size is not None and batch_size > 1:
             dims[0] = batch
-        if name not in _BATCH_ONLY and value.dim() >= 2 and value.shape[1] == token_len and token_len > 1:
+        if name not in _BATCH_ONLY and 2 <= value.dim() <= 3 and value.shape[1] == token_len and token_len > 1:
             dims[1] = tokens
         return dims or None
 

@@ -8,6 +8,7 @@ Structure recovery asks these predicates so it sees one structure in both paths.
 
 from __future__ import annotations
 
+import collections
 import operator
 import re
 
@@ -152,9 +153,9 @@ def skip_views(node: torch.fx.Node) -> torch.fx.Node:
 def ancestors(node: torch.fx.Node, limit: int = 400) -> set[torch.fx.Node]:
     """Nodes ``node`` depends on (bounded breadth-first search)."""
     seen: set = set()
-    frontier = [node]
+    frontier = collections.deque([node])
     while frontier and len(seen) < limit:
-        current = frontier.pop()
+        current = frontier.popleft()
         for arg in current.all_input_nodes:
             if arg not in seen:
                 seen.add(arg)

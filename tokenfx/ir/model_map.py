@@ -172,7 +172,14 @@ def recover_model_map(graph) -> ModelMap:
     for index, name in enumerate(block_names):
         members = [n for n in nodes if paths[n] and (paths[n] == name or paths[n].startswith(name + "."))]
         block_cores = [c for c in cores if core_block[c] == name]
-        blocks.append(_build_block(name, index, members, block_cores, norms, order))
+        try:
+            blocks.append(_build_block(name, index, members, block_cores, norms, order))
+        except MappingError:
+            raise
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            # an op pattern this recovery does not know: name the block, not the Python error site
+            raise MappingError(f"cannot recover the structure of block {name}: unexpected graph pattern "
+                               f"({type(exc).__name__}: {exc})") from exc
 
     hidden = _last_dim(blocks[-1].output)
     block_node_set = {n for b in blocks for n in b.nodes}
@@ -250,10 +257,15 @@ def _find_norms(nodes: list[Node]) -> list[Norm]:
         elif n.target in A.RMS_NORM:
             w = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
             eps = n.args[3] if len(n.args) > 3 else n.kwargs.get("eps")
-            out = n
+            out, nodes = n, [n]
             if n.target is not A.aten.rms_norm.default:
-                out = next((u for u in n.users if u.args[1] == 0), n)
-            found.append(Norm("rmsnorm", n.args[0], out, w, None, float(eps if eps is not None else 1e-6), [n]))
+                out = next((u for u in n.users if u.target is operator.getitem and u.args[1] == 0), None)
+                if out is None:
+                    continue
+                nodes.append(out)
+            if eps is None:  # torch's default: the machine epsilon of the computation dtype
+                eps = torch.finfo(torch.promote_types(A.val(n.args[0]).dtype, torch.float32)).eps
+            found.append(Norm("rmsnorm", n.args[0], out, w, None, float(eps), nodes))
         elif n.target is _add_norm_op():
             # a norm fused by fuse_norm: input is the residual sum, output the normed tensor
             outs = {u.args[1]: u for u in n.users if u.target is operator.getitem}
@@ -494,7 +506,7 @@ def _is_causal_mask(mask: Node) -> bool:
     for n in nodes:
         if n.op == "call_function" and n.target in A.TRI:
             return True
-        if n.op == "call_function" and n.target in A.COMPARE and n.target.overloadpacket is not None:
+        if n.op == "call_function" and n.target in A.COMPARE:
             args = [a for a in n.args if isinstance(a, Node)]
             if len(args) == 2 and all(any(x.target is A.aten.arange.default or x.target in A._ops("arange.start", "arange.start_step")
                                              for x in A.ancestors(a, 40) | {a}) for a in args):
@@ -506,7 +518,9 @@ def _is_causal_mask(mask: Node) -> bool:
                 continue
             if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.shape[-1] > 1:
                 tb = t.bool() if t.dtype == torch.bool else t != 0
-                if torch.equal(tb, tb.tril()) and not bool(tb.all()):
+                keep_lower = torch.equal(tb, tb.tril()) and not bool(tb.all())
+                masked_upper = torch.equal(tb, tb.triu(1)) and bool(tb.any())
+                if keep_lower or masked_upper:
                     return True
     return False
 

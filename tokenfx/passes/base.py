@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import time
+import types
 import typing
 from typing import Any, ClassVar
 
@@ -52,7 +53,7 @@ class Pass:
         if options is None:
             options = build_options(type(self), overrides)
         elif overrides:
-            options = dataclasses.replace(options, **overrides)
+            options = dataclasses.replace(options, **dataclasses.asdict(build_options(type(self), overrides)))
         self.options = options
 
     def run(self, graph: ModelGraph) -> PassResult:  # pragma: no cover - interface
@@ -99,7 +100,7 @@ def build_options(cls: type[Pass], values: dict) -> Any:
 
 def _coerce(pass_name: str, key: str, value, hint):
     origin = typing.get_origin(hint)
-    allowed = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+    allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
     for typ in allowed:
         if typ is type(None) and value is None:
             return None
@@ -128,7 +129,7 @@ def parse_pipeline(text: str) -> list[Pass]:
         if name not in registry:
             valid = ", ".join(registry)
             raise UnknownPassError(f"unknown pass {name!r} at position {position}; valid passes: {valid}")
-        passes.append(registry[name](**options))
+        passes.append(registry[name](build_options(registry[name], options)))
     return passes
 
 
@@ -268,9 +269,6 @@ class PipelineReport:
     graph: ModelGraph
     passes: list[PassReport]
 
-    @property
-    def total_seconds(self) -> float:
-        return sum(p.seconds for p in self.passes)
 
 
 def tolerance_for(output: torch.Tensor, contract: str) -> float:
@@ -293,7 +291,6 @@ class PassManager:
         from tokenfx.ir.shapes import propagate
 
         reports = []
-        reference = _flat_outputs(graph.run_example()) if self.verify else None
         current = graph
         for p in self.passes:
             work = current.clone()
@@ -309,7 +306,11 @@ class PassManager:
             report = PassReport(p.name, p.describe(), p.contract, seconds, len(after - before), len(before - after),
                                 result.matched, result.refused, result.stats)
             if self.verify:
+                # each pass is judged against the graph it was given, with its own contract
+                reference = _flat_outputs(current.run_example())
                 outputs = _flat_outputs(new.run_example())
+                if len(reference) != len(outputs):
+                    raise VerificationError(f"pass {p.name}: the graph returns {len(outputs)} outputs, not {len(reference)}")
                 errors, tols = [], []
                 for ref, out in zip(reference, outputs):
                     if ref.shape != out.shape:

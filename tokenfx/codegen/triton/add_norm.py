@@ -43,7 +43,7 @@ def add_norm_kernel(
         # interpreter truncates fp32 -> bf16, and `summed` must equal torch's x + residual.
         bits = summed.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        summed = bits.to(tl.float32, bitcast=True)
+        summed = tl.where(summed == summed, bits.to(tl.float32, bitcast=True), summed)  # NaN stays NaN
     summed = summed.to(SUM.dtype.element_ty)
     tl.store(SUM + offsets, summed, mask=mask)
     s = summed.to(tl.float32)
