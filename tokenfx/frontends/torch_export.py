@@ -57,7 +57,7 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True, dyn
     try:
         with torch.no_grad():
             ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:  # torch raises many types; the user needs the first line
+    except Exception as exc:  # torch raises many types (and the wrapper TypeError); the user needs the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first}") from exc
     finally:

@@ -76,9 +76,10 @@ class ModelGraph:
         new_graph.output(out)
         new_graph._codegen = self.gm.graph._codegen  # signature (pytree specs) is unchanged by passes
         gm = torch.fx.GraphModule(self.gm, new_graph, class_name=type(self.gm).__name__)
-        for attr in ("_in_spec", "_out_spec", "meta"):
+        for attr in ("_in_spec", "_out_spec"):
             if hasattr(self.gm, attr):
                 setattr(gm, attr, getattr(self.gm, attr))
+        gm.meta = dict(getattr(self.gm, "meta", {}))
         return dataclasses.replace(self, gm=gm, _structure=None)
 
 

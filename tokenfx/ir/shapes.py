@@ -6,9 +6,13 @@ argument (``view(B, N, H, D)``, ``expand(B, H, N, N)``, ``arange(N)`` ...) point
 ``N``. :func:`rederive_token_sizes` rewrites them from the new tensor's own size with sympy, so
 no pass hand-edits shape literals::
 
-    reduced = graph.call_function(tokenfx.ops.merge, ...)        # [B, N - r, C]
+    reduced = gm.graph.call_function(token_reducing_op, ...)      # [B, N - r, C]
     rederive_token_sizes(gm, reduced, token_axis=1, old_tokens=N)  # N → sym_size(reduced, 1)
-    propagate(graph)                                              # fake tensors agree again
+    propagate(gm)                                                 # fake tensors agree again
+
+Limit: with a static token count (ViT at a fixed image size) sizes are plain ints, so only
+arguments equal to N are rewritten; products such as N·D, and other sizes that happen to
+equal N, are not told apart (tests/ir/test_shapes.py pins both cases).
 """
 
 from __future__ import annotations

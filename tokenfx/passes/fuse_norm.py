@@ -89,6 +89,7 @@ class FuseNorm(Pass):
             # residual sum; a stable topological sort puts every node after its inputs again
             legalize_graph(graph.gm)
         graph.gm.graph.eliminate_dead_code()
+        graph.invalidate()  # recompiled, map dropped: usable even when run outside a PassManager
         return PassResult(graph, matched, refused, {"fused": len(matched)})
 
 
