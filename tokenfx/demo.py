@@ -43,14 +43,17 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def _median_ms(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
+def _interleaved_median_ms(fns: dict, repeats: int = 5) -> dict:
+    """Median latency of each callable, timed in turns so background load hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run_demo(spec: str, out_dir: Path, console) -> int:
@@ -116,15 +119,15 @@ def run_demo(spec: str, out_dir: Path, console) -> int:
     table.add_row("onnxruntime", f"{err_ort:.2e}", f"{cos_ort:.6f}")
     console.print(table)
 
-    console.print("\n[bold]5. timings[/bold] — same batch, CPU, median of 5")
+    console.print("\n[bold]5. timings[/bold] — same batch, CPU, median of 5, the three timed in turns")
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     feeds = {i.name: test_inputs[i.name].numpy() for i in session.get_inputs()}
     with torch.inference_mode():
-        hf_ms = _median_ms(lambda: model(**test_inputs))
-        fx_ms = _median_ms(lambda: rewritten.module()(**test_inputs))
-    ort_ms = _median_ms(lambda: session.run(None, feeds))
+        ms = _interleaved_median_ms({"hf": lambda: model(**test_inputs), "fx": lambda: rewritten.module()(**test_inputs),
+                                     "ort": lambda: session.run(None, feeds)})
+    hf_ms, fx_ms, ort_ms = ms["hf"], ms["fx"], ms["ort"]
     table = Table(show_edge=False, header_style="bold")
     for col in ("runtime", "latency", "vs HF eager"):
         table.add_column(col)
