@@ -39,15 +39,9 @@ def export_onnx(graph: ModelGraph, path, *, opset: int | None = None, check: boo
 
     from tokenfx.codegen.ops import onnx_translation_table
 
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise ExportError(f"ONNX output must end in .onnx, got {path}")
-    if not path.parent.exists():
-        raise ExportError(f"output directory {path.parent} does not exist")
+    path = _checked_output(path, ".onnx", "ONNX output")
     ep = reexport(graph)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.stem}.")
-    os.close(fd)
-    try:
+    with _atomic(path) as tmp:
         kwargs = {"opset_version": opset} if opset else {}
         try:
             with _quiet_exporter():
@@ -65,10 +59,6 @@ def export_onnx(graph: ModelGraph, path, *, opset: int | None = None, check: boo
             custom = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
             if custom:
                 raise ExportError(f"exported model still has non-standard ops: {custom}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -88,21 +78,33 @@ def _quiet_exporter():
 
 def save_pt2(graph: ModelGraph, path) -> Path:
     """Write ``graph`` as a ``.pt2`` ExportedProgram, atomically."""
+    path = _checked_output(path, ".pt2", "program output")
+    ep = reexport(graph)
+    with _atomic(path) as tmp:
+        torch.export.save(ep, tmp)
+    return path
+
+
+def _checked_output(path, suffix: str, what: str) -> Path:
     path = Path(path)
-    if path.suffix != ".pt2":
-        raise ExportError(f"program output must end in .pt2, got {path}")
+    if path.suffix != suffix:
+        raise ExportError(f"{what} must end in {suffix}, got {path}")
     if not path.parent.exists():
         raise ExportError(f"output directory {path.parent} does not exist")
-    ep = reexport(graph)
-    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent, prefix=f".{path.stem}.")
+    return path
+
+
+@contextlib.contextmanager
+def _atomic(path: Path):
+    """A temporary file beside ``path``, renamed onto it only if the block succeeds."""
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent, prefix=f".{path.stem}.")
     os.close(fd)
     try:
-        torch.export.save(ep, tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def run_onnxruntime(path, inputs: dict) -> list:
