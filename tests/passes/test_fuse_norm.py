@@ -263,3 +263,19 @@ def test_float64_model_stays_exact():
 def test_options_cannot_be_smuggled_through_the_pipeline():
     with pytest.raises(UnknownPassError, match="no option 'options'"):
         parse_pipeline("fuse_norm(options=1)")
+
+
+def test_fuses_through_a_reshape_before_the_norm():
+    """OPT flattens the residual stream to [B·N, C] before its final norm: the add is still fused."""
+    import transformers
+
+    cfg = transformers.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=64, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    graph = tokenfx.capture(model, token_inputs(2, 7))
+    fused = tokenfx.optimize(graph, "fuse_norm")
+    assert fused.count(torch.ops.tokenfx.add_norm.default) == 5  # 2 per layer + the final norm
+    assert fused.count(torch.ops.aten.layer_norm.default) == 0
+    inputs = token_inputs(3, 11, seed=5)
+    torch.testing.assert_close(call(fused.module(), inputs), call(graph.module(), inputs), atol=1e-5, rtol=1e-5)

@@ -54,7 +54,12 @@ class FuseNorm(Pass):
             where = structure.path(norm.output)
             if norm is final and not self.options.final_norm:
                 continue
-            add = norm.input
+            add, reshape = norm.input, None
+            if add.op == "call_function" and add.target in _RESHAPES and isinstance(add.args[0], torch.fx.Node) \
+                    and A.shape(add) and A.shape(add.args[0]) and A.shape(add)[-1] == A.shape(add.args[0])[-1]:
+                # add → reshape (keeping the normalised last dim) → norm, as OPT flattens before
+                # its final norm: fuse on the add's shape and reshape the normed output instead
+                add, reshape = add.args[0], add
             if add.op != "call_function" or add.target not in A.ADD:
                 continue
             a, b = add.args[0], add.args[1]
@@ -80,6 +85,9 @@ class FuseNorm(Pass):
                 summed = g.call_function(operator.getitem, (fused, 1))
             for meta_src, new in ((norm.output, normed), (add, summed)):
                 new.meta.update({k: v for k, v in meta_src.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+            if reshape is not None:
+                with g.inserting_after(summed):
+                    normed = g.call_function(reshape.target, (normed, *reshape.args[1:]), dict(reshape.kwargs))
             fused.meta["nn_module_stack"] = norm.output.meta.get("nn_module_stack")
             norm.output.replace_all_uses_with(normed)
             add.replace_all_uses_with(summed, delete_user_cb=lambda user: user is not fused)
@@ -91,6 +99,9 @@ class FuseNorm(Pass):
         graph.gm.graph.eliminate_dead_code()
         graph.invalidate()  # recompiled, map dropped: usable even when run outside a PassManager
         return PassResult(graph, matched, refused, {"fused": len(matched)})
+
+
+_RESHAPES = A._ops("view", "reshape", "_unsafe_view")
 
 
 def _topologically_ordered(graph: torch.fx.Graph) -> bool:
