@@ -56,6 +56,8 @@ def test_pt2_round_trip_keeps_rewritten_ops(tmp_path):
                                    graph.module()(input_ids=ids, attention_mask=torch.ones_like(ids)))
     # the ModelMap recognises fused norms in a loaded, rewritten graph
     assert loaded.structure.num_blocks == 2 and loaded.structure.blocks[0].norm_placement == "post"
+    # the capture wrapper's ``.model`` stays hidden without the HF config
+    assert [b.name for b in loaded.structure.blocks] == ["encoder.layer.0", "encoder.layer.1"]
 
 
 @pytest.mark.parametrize(

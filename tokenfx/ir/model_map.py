@@ -138,8 +138,13 @@ def recover_model_map(graph) -> ModelMap:
     gm = graph.gm
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    prefix = "model." if graph.source == "export" and graph.config is not None else ""
-    paths = {n: _strip(A.module_path(n), prefix) for n in nodes}
+    raw = {n: A.module_path(n) for n in nodes}
+    # tokenfx.capture wraps Hugging Face models as ``.model``; hide that attribute (also in a
+    # saved .pt2, where the config is gone) so names read as the user's module paths
+    named = [p for p in raw.values() if p and not p.startswith("_")]  # "_empty_nn_module_stack…" hooks
+    wrapped = graph.source == "export" and bool(named) and all(p == "model" or p.startswith("model.") for p in named)
+    prefix = "model." if wrapped else ""
+    paths = {n: _strip(p, prefix) for n, p in raw.items()}
     if not any(paths.values()):
         raise MappingError("the graph carries no module metadata (nn_module_stack); cannot find transformer blocks")
 
