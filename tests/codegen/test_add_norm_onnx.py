@@ -8,9 +8,9 @@ import torch
 
 import tokenfx.codegen.add_norm  # noqa: F401  registers torch.ops.tokenfx.add_norm
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+import onnx  # dev dependencies: a missing one must fail the suite, not skip it
+import onnxruntime as ort
+import onnxscript  # noqa: F401
 from tokenfx.codegen.onnx_add_norm import translate  # noqa: E402
 
 C = 24
