@@ -121,13 +121,22 @@ def static_tokens_graph(net, tokens=7):
     return tokenfx.capture(net, (torch.randn(2, tokens, C),), dynamic_shapes=({0: batch},))
 
 
-@pytest.mark.parametrize("products,tokens", [
-    (False, 7),
-    # known limits of literal matching with a static N (reported): a product N * D = 56 stays
-    # literal, and an unrelated literal equal to N (H = 4 = N) is rewritten too
-    pytest.param(True, 7, marks=pytest.mark.xfail(strict=True, reason="static N: N * D stays a literal")),
-    pytest.param(False, 4, marks=pytest.mark.xfail(strict=True, reason="static N: H == N is rewritten as N")),
-], ids=["static", "static-products", "static-N-equals-H"])
+@pytest.mark.parametrize("products,tokens,refusal", [
+    (True, 7, "may be a product"),  # N * D = 56 is a literal: cannot be told from an unrelated size
+    (False, 4, "static token count 4[: ]"),  # H == N == 4 (and C = 32 = 8·N): which 4 is the token count?
+], ids=["static-products", "static-N-equals-H"])
+def test_static_tokens_refuses_ambiguous_literals(products, tokens, refusal):
+    """Literal matching is unsafe here; the helper refuses instead of rewriting wrongly."""
+    from tokenfx.errors import PassOptionError
+
+    net, _ = make(drop=2, products=products)
+    gm = static_tokens_graph(net, tokens).gm
+    sliced, _ = cut_tokens(gm, 2, 2**62)
+    with pytest.raises(PassOptionError, match=refusal):
+        rederive_token_sizes(gm, sliced, token_axis=1, old_tokens=tokens)
+
+
+@pytest.mark.parametrize("products,tokens", [(False, 7)], ids=["static"])
 def test_static_tokens_literals_are_rewritten(products, tokens):
     r = 2
     net, ref = make(drop=r, products=products)
@@ -160,3 +169,15 @@ def _flat(args):
         elif isinstance(a, int) and not isinstance(a, bool):
             out.append(a)
     return out
+
+
+def test_static_tokens_named_twice_is_refused():
+    from tokenfx.errors import PassOptionError
+    from tokenfx.ir.shapes import _refuse_ambiguous_static_sizes
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    start = g.call_function(aten.relu.default, (x,))
+    g.output(g.call_function(aten.view.default, (start, [2, 5, 5, 3])))
+    with pytest.raises(PassOptionError, match="appears more than once"):
+        _refuse_ambiguous_static_sizes(g, start, 5)

@@ -10,9 +10,9 @@ no pass hand-edits shape literals::
     rederive_token_sizes(gm, reduced, token_axis=1, old_tokens=N)  # N → sym_size(reduced, 1)
     propagate(gm)                                                 # fake tensors agree again
 
-Limit: with a static token count (ViT at a fixed image size) sizes are plain ints, so only
-arguments equal to N are rewritten; products such as N·D, and other sizes that happen to
-equal N, are not told apart (tests/ir/test_shapes.py pins both cases).
+With a static token count (ViT at a fixed image size) sizes are plain ints: literals equal
+to N are rewritten, and graphs where that is unsafe (N named twice in one size list, or a
+literal that is a multiple of N, e.g. N·D) are refused with PassOptionError.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from tokenfx.errors import PassOptionError
 from tokenfx.ir import aten as A
 
 aten = torch.ops.aten
@@ -64,6 +65,35 @@ class _ParamFakeProp(FakeTensorProp):
         if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
             return self._mode.from_tensor(value, static_shapes=True)
         return value
+
+
+def _int_literals(arg) -> list[int]:
+    if isinstance(arg, (list, tuple)):
+        return [x for a in arg for x in _int_literals(a)]
+    return [arg] if isinstance(arg, int) and not isinstance(arg, bool) else []
+
+
+def _refuse_ambiguous_static_sizes(graph: torch.fx.Graph, start: torch.fx.Node, tokens: int) -> None:
+    """With a static token count, sizes are plain ints: a literal equal to N is taken to be N.
+    Refuse the graphs where that reading is unsafe — a size list naming N twice (is the other
+    one heads?) or a literal that is a multiple of N (a product such as N·D) — rather than
+    rewrite them wrongly."""
+    after = False
+    for node in graph.nodes:
+        if node is start:
+            after = True
+            continue
+        if not after or node.op != "call_function" or node.target not in SIZE_OPS:
+            continue
+        for arg in node.args:
+            literals = _int_literals(arg)
+            if isinstance(arg, (list, tuple)) and literals.count(tokens) > 1:
+                raise PassOptionError(f"static token count {tokens} is ambiguous in {node.name}{tuple(node.args[1:])}: "
+                                      f"it appears more than once; capture with a dynamic token dim")
+            product = next((x for x in literals if x > tokens and x % tokens == 0), None)
+            if product is not None:
+                raise PassOptionError(f"static token count {tokens}: size {product} in {node.name} may be a product "
+                                      f"of it; capture with a dynamic token dim")
 
 
 def _expr(value):
@@ -144,6 +174,8 @@ def rederive_token_sizes(gm: torch.fx.GraphModule, reduced: torch.fx.Node, *, to
         changed += 1
         return build(sympy.expand(e.subs(old, n_symbol)), user)
 
+    if isinstance(old, sympy.Integer):
+        _refuse_ambiguous_static_sizes(graph, new_n, int(old))
     changed = 0
     after = False
     for node in list(graph.nodes):
