@@ -123,3 +123,43 @@ def test_emit_kernels_into_a_file_fails_before_writing(capsys, tmp_path):
                        "--emit-kernels", str(blocker))
     assert code == 2 and "is not a directory" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels"]
+
+
+# -- generate --------------------------------------------------------------------------------------
+def test_generate_json_matches_the_library(capsys):
+    code, out, _ = run(capsys, "generate", "tokenfx:tiny-code", "--prompt", "def parse(line):\n    ", "--max-new-tokens", "6",
+                       "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert set(data) == {"text", "token_ids", "new_tokens", "seconds", "tokens_per_s"}
+    assert data["new_tokens"] == len(data["token_ids"]) <= 6
+    import tokenfx
+    from tokenfx.runtime.generate import load_tokenizer
+
+    tok = load_tokenizer("tokenfx:tiny-code")
+    ids = tok("def parse(line):\n    ", return_tensors="pt")["input_ids"]
+    expected = tokenfx.generate("tokenfx:tiny-code", ids, max_new_tokens=6)[0, ids.shape[1]:].tolist()
+    assert data["token_ids"] == expected
+    assert data["text"] == tok.decode(expected, skip_special_tokens=True)
+
+
+def test_generate_streams_the_prompt_and_continuation(capsys, tmp_path):
+    prompt = tmp_path / "prompt.py"
+    prompt.write_text("import os\n")
+    code, out, err = run(capsys, "generate", "tokenfx:tiny-code", "--prompt-file", str(prompt), "--max-new-tokens", "5",
+                         "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
+    assert code == 0
+    assert out.startswith("import os\n") and len(out) > len("import os\n")
+    assert "tokens/s" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "factories:tiny_llama", "--prompt", "x"], "has no tokenizer"),
+    (["generate", "tokenfx:nope", "--prompt", "x"], "unknown bundled model"),
+    (["generate", "tokenfx:tiny-code"], "exactly one of --prompt"),
+    (["generate", "tokenfx:tiny-code", "--prompt", "x", "--max-new-tokens", "5000"], "exceeds the model's 2048 positions"),
+])
+def test_generate_bad_input_is_one_line_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err

@@ -3,6 +3,8 @@
     tokenfx inspect MODEL [--json]
     tokenfx passes [--json]
     tokenfx rewrite MODEL --passes P -o OUT.pt2|OUT.onnx [--verify] [--emit-kernels DIR] [--json]
+    tokenfx generate MODEL --prompt TEXT|--prompt-file F [--max-new-tokens N]
+                     [--temperature T --top-k K --top-p P --seed S] [--compile] [--json]
     tokenfx demo [--model SPEC] [--out DIR]
 
 MODEL is anything :func:`tokenfx.load` accepts. Errors print one line and exit 2 (a full
@@ -163,6 +165,59 @@ def render_passes(console, passes) -> None:
             console.print(f"  [yellow]{p.name} refused[/yellow] {where}: {why}")
 
 
+# -- generate --------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    import time
+
+    from tokenfx.errors import GenerationError
+    from tokenfx.runtime.generate import generator_for, load_tokenizer
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise GenerationError("give exactly one of --prompt TEXT or --prompt-file F")
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GenerationError(f"--prompt-file {args.prompt_file}: {exc}") from exc
+    else:
+        prompt = args.prompt
+    tokenizer = load_tokenizer(args.model)  # before the (slow) graph build: a missing tokenizer fails fast
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        raise GenerationError("the prompt is empty after tokenization")
+    err = _err_console()
+    with err.status("loading the model and building its prefill / decode graphs"):
+        gen = generator_for(args.model, compile=args.compile)
+    generated: list[int] = []
+    printed = ""
+
+    def stream(token):
+        nonlocal printed
+        generated.append(int(token[0]))
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if not args.json and text.startswith(printed):
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    if not args.json:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    start = time.perf_counter()
+    out = gen.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, stream=stream)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": new, "new_tokens": len(new), "seconds": round(seconds, 4),
+                          "tokens_per_s": round(len(new) / seconds, 2) if seconds > 0 else None}))
+    else:
+        sys.stdout.write(text[len(printed):] + "\n")
+        err.print(f"[dim]{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s)[/dim]")
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from tokenfx.demo import run_demo
@@ -193,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit-kernels", metavar="DIR", help="write the specialised Triton source of each new op")
     p.add_argument("--json", action="store_true", help="print the pass report as JSON")
     p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("generate", help="generate text with KV-cached decoding, streaming to the terminal")
+    p.add_argument("model", help="HF directory with a tokenizer, or tokenfx:<name>")
+    p.add_argument("--prompt", help="the prompt text")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="AOTInductor-compile the graphs (cached on disk)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the main job end to end on the bundled default model")
     p.add_argument("--model", default="tokenfx:minilm")

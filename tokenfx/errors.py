@@ -46,3 +46,7 @@ class ExportError(TokenfxError):
 
 class VerificationError(TokenfxError):
     """``verify=True`` found the rewritten graph disagreeing with the original."""
+
+
+class GenerationError(TokenfxError):
+    """Bad generation input: prompt too long, wrong padding, a model that is not a decoder."""

@@ -60,7 +60,7 @@ def load(spec, example_inputs=None) -> ModelGraph:
                          "tokenfx:<name> or package.module:factory)")
 
 
-def load_hf_model(directory: Path) -> torch.nn.Module:
+def load_hf_model(directory: Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The Hugging Face model in ``directory``, in eval mode, with its own architecture class."""
     config_file = directory / "config.json"
     if not config_file.exists():
@@ -79,8 +79,9 @@ def load_hf_model(directory: Path) -> torch.nn.Module:
     architectures = config_data.get("architectures") or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     cls = cls or transformers.AutoModel
+    transformers.utils.logging.disable_progress_bar()
     try:
-        model = cls.from_pretrained(str(directory))
+        model = cls.from_pretrained(str(directory), **({"dtype": dtype} if dtype is not None else {}))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load the model in {directory}: {first}") from exc

@@ -43,6 +43,8 @@ def export_onnx(graph: ModelGraph, path, *, opset: int | None = None, check: boo
     ep = reexport(graph)
     with _atomic(path) as tmp:
         kwargs = {"opset_version": opset} if opset else {}
+        if graph.kv is not None:  # a kv_cache graph: name the outputs the runtime reads
+            kwargs["output_names"] = ["logits", "new_kv"]
         try:
             with _quiet_exporter():
                 program = torch.onnx.export(ep, dynamo=True, custom_translation_table=onnx_translation_table(),

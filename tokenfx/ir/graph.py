@@ -33,6 +33,7 @@ class ModelGraph:
     family: str = "unknown"
     config: Any = None
     source: str = "export"  # "export" (torch.export) or "aot" (torch.compile backend)
+    kv: Any = None  # KVLayout of a graph the kv_cache pass made (its inputs, cache shape, positions)
     _structure: Any = dataclasses.field(default=None, repr=False)
 
     # -- access ---------------------------------------------------------------------------

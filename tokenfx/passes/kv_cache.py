@@ -1,0 +1,473 @@
+"""``kv_cache``: a full-sequence causal decoder → a prefill graph or a decode-step graph.
+
+Contract: exact (the same arithmetic on the same values; attention sees the cached K/V
+instead of recomputing them).
+
+Before (what ``tokenfx.capture`` gives for a causal LM)::
+
+    logits[B, N, V] = model(input_ids[B, N])          # positions = arange(N), causal mask
+
+After, ``mode="decode"``::
+
+    logits[B, T, V], new_kv[L, 2, B, Hkv, T, D] = step(
+        input_ids[B, T], positions[B, T],
+        kv_cache[L, 2, B, Hkv, S, D], cache_mask[B, S], token_mask[B, T])
+
+``mode="prefill"`` has no cache inputs (``S = 0``). ``logits="last"`` returns only the
+last position's logits ``[B, 1, V]`` (the head runs on one token: what generation needs
+after a prompt). The runtime writes ``new_kv`` into its preallocated cache; the graph
+never copies the cache except to read it.
+
+How it works, from the ModelMap (no model-family cases):
+
+1. every attention core (SDPA) gets K and V = ``cat(cached, new)`` where ``new`` is the
+   block's K/V *before* the GQA head repeat (so the cache holds ``kv_heads``), the repeat
+   is redone over the whole length, and the mask becomes
+   ``key_valid[b, j] & (j <= S + i)`` plus the diagonal (a left-pad query sees itself, so
+   no row is empty and no NaN reaches the cache);
+2. position information is whatever part of the graph depends on the token *count* but
+   not on token *values* (RoPE cos/sin, learned position embeddings): each such tensor
+   that meets data is precomputed for positions ``0 … max_positions-1`` once, stored as a
+   buffer, and gathered by the explicit ``positions`` input. RoPE, learned absolute
+   positions and any other function of the position alone work the same way;
+3. the graph is exported again, so the result is an ordinary captured graph with dynamic
+   batch / token / cache-length dims (it exports to ONNX and compiles).
+
+Refused, with the reason: attention cores in the eager matmul-softmax-matmul form,
+attention masks that are not plain causal masks (ALiBi, sliding windows), and inputs other
+than ``input_ids`` that the computation still needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+
+from tokenfx.errors import MappingError, PassOptionError
+from tokenfx.ir import aten as A
+from tokenfx.ir.graph import ModelGraph
+from tokenfx.passes.base import Pass, PassResult, register
+
+aten = torch.ops.aten
+Node = torch.fx.Node
+
+_SHAPE_QUERIES = A._ops("sym_size.int", "sym_numel", "sym_stride.int", "sym_storage_offset")
+# ops through which HF-style code repeats K/V heads for GQA (``repeat_kv``)
+_REPEAT_OPS = A._ops("reshape", "view", "_unsafe_view", "expand", "unsqueeze", "clone", "contiguous",
+                     "repeat_interleave.self_int")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    """What the runtime needs to drive a kv_cache graph."""
+
+    mode: str  # "prefill" | "decode"
+    logits: str  # "all" | "last"
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    max_positions: int  # positions the tables cover: prompt + generated must stay below
+    dtype: torch.dtype  # of the cache
+    inputs: tuple[str, ...]
+
+    def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        return (self.layers, 2, batch, self.kv_heads, length, self.head_dim)
+
+
+@register
+class KVCache(Pass):
+    """Rewrite a causal decoder into a prefill or decode-step graph with an explicit KV cache (exact)."""
+
+    name = "kv_cache"
+    contract = "exact"
+
+    @dataclasses.dataclass
+    class Options:
+        mode: str = "decode"  # "decode" (cache in) or "prefill" (no cache)
+        logits: str = "all"  # "all" positions or only the "last"
+        max_positions: int = 0  # 0: the model's own limit (config / capture range)
+
+    def run(self, graph: ModelGraph) -> PassResult:
+        o = self.options
+        if o.mode not in ("decode", "prefill"):
+            raise PassOptionError(f"kv_cache: mode must be 'decode' or 'prefill', got {o.mode!r}")
+        if o.logits not in ("all", "last"):
+            raise PassOptionError(f"kv_cache: logits must be 'all' or 'last', got {o.logits!r}")
+        structure = graph.structure
+        attentions = [(b, a) for b in structure.blocks for a in b.attention]
+        for block, att in attentions:
+            if att.core_kind != "sdpa":
+                raise MappingError(f"kv_cache: block {block.name} computes attention in the eager matmul-softmax-matmul "
+                                   "form; load the model with attn_implementation='sdpa'")
+            if not att.causal:
+                raise MappingError(f"kv_cache: block {block.name} attention is not causal; kv_cache needs a decoder")
+        if structure.head is None:
+            raise MappingError("kv_cache: no LM head found; kv_cache needs a causal language model")
+        gm, g = graph.gm, graph.gm.graph
+        placeholders = [n for n in g.nodes if n.op == "placeholder"]
+        ids = _token_input(placeholders)
+        example_ids = _example_for(graph, ids.name, placeholders.index(ids))
+        max_positions = o.max_positions or _max_positions(graph)
+        _check_masks(gm, attentions, ids)
+
+        decode = o.mode == "decode"
+        first = next(n for n in g.nodes if n.op != "placeholder")
+        with g.inserting_before(first):
+            new_ids = g.placeholder("tokens")
+            positions = g.placeholder("positions")
+            cache = g.placeholder("kv_cache") if decode else None
+            cache_mask = g.placeholder("cache_mask") if decode else None
+            token_mask = g.placeholder("token_mask")
+        ids.replace_all_uses_with(new_ids)
+
+        with g.inserting_before(first):
+            allowed = _attention_mask(g, new_ids, cache, cache_mask, token_mask, example_ids.device)
+
+        new_kv = []
+        for layer, (block, att) in enumerate(attentions):
+            kv_heads = att.kv_heads
+            k_new, v_new = _before_repeat(att.k, kv_heads), _before_repeat(att.v, kv_heads)
+            sdpa = A.sdpa_args(att.core)
+            existing = set(g.nodes)
+            with g.inserting_before(att.core):
+                pair = g.call_function(aten.stack.default, ([k_new, v_new], 0))
+                new_kv.append(pair)
+                k_all, v_all = k_new, v_new
+                if decode:
+                    layer_cache = g.call_function(aten.select.int, (cache, 0, layer))
+                    k_all = g.call_function(aten.cat.default, ([g.call_function(aten.select.int, (layer_cache, 0, 0)), k_new], 2))
+                    v_all = g.call_function(aten.cat.default, ([g.call_function(aten.select.int, (layer_cache, 0, 1)), v_new], 2))
+                gqa = bool(att.core.kwargs.get("enable_gqa", False))
+                if att.heads != kv_heads and not gqa:
+                    k_all, v_all = _repeat_heads(g, k_all, att.heads // kv_heads), _repeat_heads(g, v_all, att.heads // kv_heads)
+                kwargs: dict[str, Any] = {"attn_mask": allowed, "dropout_p": 0.0, "is_causal": False}
+                if sdpa.get("scale") is not None:
+                    kwargs["scale"] = sdpa["scale"]
+                if gqa:
+                    kwargs["enable_gqa"] = True
+                core = g.call_function(aten.scaled_dot_product_attention.default, (sdpa["q"], k_all, v_all), kwargs)
+            _inherit_module_path(set(g.nodes) - existing, att.core)  # the ModelMap of the new graph finds the block
+            att.core.replace_all_uses_with(core)
+            g.erase_node(att.core)
+        output = next(n for n in g.nodes if n.op == "output")
+        outs = output.args[0]
+        logits = outs[0] if isinstance(outs, (tuple, list)) else outs
+        with g.inserting_before(output):
+            stacked = g.call_function(aten.stack.default, (new_kv, 0))
+        output.args = ((logits, stacked),)
+        _drop_guards(g)
+        g.eliminate_dead_code()
+
+        tables = _position_tables(gm, new_ids, positions, A.shape(ids), example_ids, max_positions)
+
+        head = structure.head
+        if o.logits == "last":
+            x, _ = A.linear_input_weight(head)
+            with g.inserting_before(head):
+                last = g.call_function(aten.slice.Tensor, (x, 1, -1, None))
+            head.replace_input_with(x, last)
+        g.eliminate_dead_code()
+        for p in placeholders:
+            if p.users:
+                used = ", ".join(sorted(u.name for u in p.users))
+                raise MappingError(f"kv_cache: the model input {p.name!r} is still needed (by {used}); "
+                                   "capture the decoder with input_ids only")
+            g.erase_node(p)
+        g.set_codegen(torch.fx.graph.CodeGen())
+        for attr in ("_in_spec", "_out_spec"):
+            if hasattr(gm, attr):
+                delattr(gm, attr)
+        g.lint()
+        gm.recompile()
+
+        layout = KVLayout(o.mode, o.logits, len(attentions), attentions[0][1].heads, attentions[0][1].kv_heads,
+                          attentions[0][1].head_dim, max_positions, _kv_dtype(attentions[0][1].k),
+                          ("tokens", "positions", "kv_cache", "cache_mask", "token_mask") if decode
+                          else ("tokens", "positions", "token_mask"))
+        new = _reexport(gm, graph, layout, example_ids)
+        matched = [f"{b.name}: attention reads the cache" for b, _ in attentions]
+        matched += [f"position table {name} [{max_positions} positions]" for name in tables]
+        return PassResult(new, matched=matched, stats={"layers": layout.layers, "kv_heads": layout.kv_heads,
+                                                        "head_dim": layout.head_dim, "position_tables": len(tables)})
+
+    def verify_outputs(self, before: ModelGraph, after: ModelGraph):
+        """(reference, rewritten) output pairs for PassManager(verify=True): the full-sequence
+        logits against prefill (and, for decode graphs, a two-step run through the cache)."""
+        return reference_pairs(before, after)
+
+
+# -- the rewrite's pieces ---------------------------------------------------------------------------
+def _token_input(placeholders: list[Node]) -> Node:
+    for p in placeholders:
+        v = A.val(p)
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point() and v.dtype != torch.bool:
+            return p
+    raise MappingError("kv_cache: the graph has no token-id input [batch, tokens] (integer ids)")
+
+
+def _example_for(graph: ModelGraph, name: str, index: int) -> torch.Tensor:
+    if name in graph.example_kwargs:
+        return graph.example_kwargs[name]
+    values = list(graph.example_args) + list(graph.example_kwargs.values())
+    return values[index]
+
+
+def _max_positions(graph: ModelGraph) -> int:
+    from tokenfx.frontends import hf
+
+    if graph.config is not None and hf.max_tokens(graph.config):
+        return int(hf.max_tokens(graph.config))
+    raise PassOptionError("kv_cache: the model does not say how many positions it supports; pass max_positions=N")
+
+
+def _check_masks(gm: torch.fx.GraphModule, attentions, ids: Node) -> None:
+    """Only plain causal masks may be replaced by the cache mask: evaluate each distinct mask
+    at a small length and compare with ``tril``; refuse ALiBi / sliding windows / custom biases."""
+    masks = {a.mask for _, a in attentions if a.mask is not None}
+    if not masks:
+        return
+    n = 9
+    values = _evaluate(gm, list(masks), {ids: torch.zeros(1, n, dtype=torch.long)})
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    for (block, att) in attentions:
+        if att.mask is None:
+            continue
+        m = values[att.mask]
+        allowed = m if m.dtype == torch.bool else (m == 0)
+        if not m.dtype == torch.bool and bool(((m != 0) & (m > torch.finfo(m.dtype).min / 2)).any()):
+            allowed = None  # a finite non-zero bias (ALiBi, relative positions)
+        if allowed is None or not torch.equal(allowed.reshape(-1, n, n)[0], causal):
+            raise MappingError(f"kv_cache: block {block.name} uses an attention mask that is not a plain causal mask "
+                               "(ALiBi, sliding window or a learned bias); not supported")
+
+
+def _evaluate(gm: torch.fx.GraphModule, targets: list[Node], inputs: dict[Node, torch.Tensor]) -> dict[Node, torch.Tensor]:
+    """Run only the part of ``gm`` that ``targets`` depend on, with ``inputs`` for placeholders
+    (content-independent subgraphs need only the inputs' shapes)."""
+    needed: set[Node] = set()
+    stack = list(targets)
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    env: dict[Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node not in needed:
+            continue
+        if node.op == "placeholder":
+            if node not in inputs:
+                raise MappingError(f"kv_cache: position / mask computation needs the input {node.name!r}")
+            env[node] = inputs[node]
+        elif node.op == "get_attr":
+            obj = gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            env[node] = obj
+        elif node.op == "call_function":
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
+            env[node] = node.target(*args, **kwargs)
+        else:
+            raise MappingError(f"kv_cache: cannot evaluate {node.op} node {node.name} ahead of time")
+    return {t: env[t] for t in targets}
+
+
+def _attention_mask(g, ids, cache, cache_mask, token_mask, device) -> Node:
+    """``[B, 1, T, S+T]`` bool: key j is valid for query i when the key is not padding and
+    ``j <= S + i`` (causal); the diagonal is always allowed."""
+    call = g.call_function
+    t = call(aten.sym_size.int, (ids, 1))
+    i = call(aten.arange.default, (t,), {"dtype": torch.long, "device": device})
+    keep = call(aten.ne.Scalar, (token_mask, 0))
+    if cache is not None:
+        s = call(aten.sym_size.int, (cache, 4))
+        total = call(operator.add, (s, t))
+        j = call(aten.arange.default, (total,), {"dtype": torch.long, "device": device})
+        qpos = call(aten.add.Tensor, (i, s))
+        keep = call(aten.cat.default, ([call(aten.ne.Scalar, (cache_mask, 0)), keep], 1))
+    else:
+        j, qpos = i, i
+    rows = call(aten.unsqueeze.default, (qpos, 1))  # [T, 1]
+    cols = call(aten.unsqueeze.default, (j, 0))  # [1, S+T]
+    causal = call(aten.le.Tensor, (cols, rows))
+    diagonal = call(aten.eq.Tensor, (cols, rows))
+    keys = call(aten.unsqueeze.default, (call(aten.unsqueeze.default, (keep, 1)), 1))  # [B, 1, 1, S+T]
+    allowed = call(aten.bitwise_and.Tensor, (keys, causal))
+    return call(aten.bitwise_or.Tensor, (allowed, diagonal))
+
+
+def _before_repeat(x: Node, kv_heads: int) -> Node:
+    """The K (or V) tensor ``[B, kv_heads, N, D]`` before GQA's head repeat on the way to the core."""
+    chain = [x]
+    while chain[-1].op == "call_function" and chain[-1].target in _REPEAT_OPS:
+        chain.append(chain[-1].args[0])
+    for node in reversed(chain):
+        s = A.shape(node)
+        if s is not None and len(s) == 4 and s[1] == kv_heads:
+            return node
+    raise MappingError(f"kv_cache: cannot find K/V with {kv_heads} heads before the attention core (at {x.name})")
+
+
+def _repeat_heads(g, x: Node, rep: int) -> Node:
+    """``[B, Hkv, L, D]`` → ``[B, Hkv·rep, L, D]``, head h reading kv head h // rep (HF ``repeat_kv``)."""
+    call = g.call_function
+    b = call(aten.sym_size.int, (x, 0))
+    hkv = call(aten.sym_size.int, (x, 1))
+    d = call(aten.sym_size.int, (x, 3))
+    expanded = call(aten.expand.default, (call(aten.unsqueeze.default, (x, 2)), [-1, -1, rep, -1, -1]))
+    return call(aten.reshape.default, (expanded, [b, call(operator.mul, (hkv, rep)), -1, d]))
+
+
+def _inherit_module_path(nodes, origin: Node) -> None:
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in origin.meta:
+            for n in nodes:
+                n.meta[key] = origin.meta[key]
+
+
+def _drop_guards(g: torch.fx.Graph) -> None:
+    for node in list(g.nodes):
+        if node.op == "call_module" and not node.users:
+            g.erase_node(node)
+
+
+def _kv_dtype(k: Node) -> torch.dtype:
+    v = A.val(k)
+    return v.dtype if isinstance(v, torch.Tensor) else torch.float32
+
+
+def _data_dependent(g: torch.fx.Graph) -> set[Node]:
+    """Nodes whose value depends on input *values* (not only on input shapes)."""
+    dep: set[Node] = set()
+    for node in g.nodes:
+        v = A.val(node)
+        if node.op == "placeholder":
+            if not isinstance(v, (torch.SymInt, int)):
+                dep.add(node)
+        elif node.op == "call_function" and node.target not in _SHAPE_QUERIES and not isinstance(v, (torch.SymInt, int)):
+            if any(a in dep for a in node.all_input_nodes):
+                dep.add(node)
+    return dep
+
+
+def _position_tables(gm, ids: Node, positions: Node, ids_shape, example_ids: torch.Tensor, max_positions: int) -> list[str]:
+    """Replace every token-count-dependent, token-value-independent tensor that meets data by a
+    gather from a table precomputed for ``max_positions`` positions (module docstring, step 2)."""
+    g = gm.graph
+    dep = _data_dependent(g)
+    batch, tokens = ids_shape
+    if not isinstance(tokens, torch.SymInt):
+        raise MappingError("kv_cache: the graph was captured with a fixed token count; capture it with dynamic=True")
+    frontier = [n for n in g.nodes if n.op == "call_function" and n not in dep and isinstance(A.val(n), torch.Tensor)
+                and any(u in dep for u in n.users)]
+    frontier = [n for n in frontier if any(_same(d, tokens) for d in A.shape(n))]
+    if not frontier:
+        return []
+    dummy = torch.zeros(1, max_positions, dtype=example_ids.dtype, device=example_ids.device)
+    values = _evaluate(gm, frontier, {ids: dummy})
+    names = []
+    for i, node in enumerate(frontier):
+        shape = A.shape(node)
+        axes = [k for k, d in enumerate(shape) if _same(d, tokens)]
+        others = [d for k, d in enumerate(shape) if k not in axes and not isinstance(d, int) and not _same(d, batch)]
+        if len(axes) != 1 or others:
+            raise MappingError(f"kv_cache: {node.name} {tuple(shape)} depends on the token count in a way that is not "
+                               "a per-position value; not supported")
+        table, axis = values[node], axes[0]
+        users_rank = max(len(A.shape(u) or ()) for u in node.users if u in dep)
+        while table.dim() < users_rank or axis == 0:  # broadcast dims the consumer adds on the left
+            table, axis = table.unsqueeze(0), axis + 1
+            shape = (1, *shape)
+        if not (shape[0] == 1 or _same(shape[0], batch)):
+            raise MappingError(f"kv_cache: {node.name} {tuple(shape)} has no batch-broadcast dim; not supported")
+        table = table[0].movedim(axis - 1, 0).contiguous()  # [max_positions, *rest]
+        name = f"kv_position_table_{i}"
+        gm.register_buffer(name, table)
+        rest = table.dim() - 1
+        with g.inserting_before(node):
+            attr = g.get_attr(name)
+            gathered = g.call_function(aten.index.Tensor, (attr, [positions]))  # [B, T, *rest]
+            perm = [0] + list(range(2, axis + 1)) + [1] + list(range(axis + 1, rest + 2))
+            placed = g.call_function(aten.permute.default, (gathered, perm)) if perm != list(range(rest + 2)) else gathered
+        node.replace_all_uses_with(placed, delete_user_cb=lambda u: u in dep)
+        names.append(name)
+    g.eliminate_dead_code()
+    return names
+
+
+def _same(d, sym) -> bool:
+    """Is size ``d`` the symbolic dim ``sym`` (static sizes never are: a literal is ambiguous)?"""
+    return isinstance(d, torch.SymInt) and isinstance(sym, torch.SymInt) and d.node.expr == sym.node.expr
+
+
+# -- export ---------------------------------------------------------------------------------------
+def example_inputs(layout: KVLayout, *, batch: int, tokens: int, past: int, device=None, vocab: int = 2):
+    """Inputs for a kv_cache graph: zero cache, full masks, positions after ``past``."""
+    ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = (torch.arange(tokens, device=device) + past).expand(batch, tokens).contiguous()
+    token_mask = torch.ones(batch, tokens, dtype=torch.long, device=device)
+    if layout.mode == "prefill":
+        return (ids, positions, token_mask)
+    cache = torch.zeros(layout.cache_shape(batch, past), dtype=layout.dtype, device=device)
+    return (ids, positions, cache, torch.ones(batch, past, dtype=torch.long, device=device), token_mask)
+
+
+def dynamic_shapes(layout: KVLayout):
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    tokens = torch.export.Dim("tokens", min=1, max=layout.max_positions)
+    if layout.mode == "prefill":
+        return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: batch, 1: tokens})
+    past = torch.export.Dim("past", min=1, max=layout.max_positions - 1)
+    return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {2: batch, 4: past}, {0: batch, 1: past}, {0: batch, 1: tokens})
+
+
+def _reexport(gm, graph: ModelGraph, layout: KVLayout, example_ids: torch.Tensor) -> ModelGraph:
+    from tokenfx.frontends.torch_export import _remove_identity_ops
+
+    vocab = int(getattr(graph.config, "vocab_size", 2) or 2)
+    args = example_inputs(layout, batch=2, tokens=3, past=5, device=example_ids.device, vocab=vocab)
+    shapes = dynamic_shapes(layout)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MappingError(f"kv_cache: the rewritten graph does not export: {first}") from exc
+    module = ep.module()
+    _remove_identity_ops(module)
+    _drop_guards(module.graph)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    new = ModelGraph(module, args, {}, shapes, family=graph.family, config=graph.config, source="export")
+    new.kv = layout
+    return new
+
+
+# -- verification -----------------------------------------------------------------------------------
+def reference_pairs(before: ModelGraph, after: ModelGraph) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Full-sequence logits of ``before`` vs the kv graph's logits for the same tokens."""
+    layout: KVLayout = after.kv
+    ids = before.example_args[0] if before.example_args else next(iter(before.example_kwargs.values()))
+    with torch.no_grad():
+        full = before.run_example()
+        full = full[0] if isinstance(full, (tuple, list)) else full
+        b, n = ids.shape
+        pos = torch.arange(n).expand(b, n)
+        ones = torch.ones(b, n, dtype=torch.long)
+        if layout.mode == "prefill":
+            logits, _ = after.gm(ids, pos, ones)
+            ref = full[:, -1:] if layout.logits == "last" else full
+            return [(ref, logits)]
+        split = max(n // 2, 1)
+        empty = torch.zeros(layout.cache_shape(b, 0), dtype=layout.dtype)
+        first, kv = after.gm(ids[:, :split], pos[:, :split], empty, ones[:, :0], ones[:, :split])
+        second, _ = after.gm(ids[:, split:], pos[:, split:], kv, ones[:, :split], ones[:, split:])
+        if layout.logits == "last":
+            return [(full[:, split - 1:split], first), (full[:, -1:], second)]
+        return [(full[:, :split], first), (full[:, split:], second)]

@@ -1,0 +1,334 @@
+"""``Generator``: decoding over the prefill / decode-step graphs of the ``kv_cache`` pass.
+
+::
+
+    gen = Generator("tokenfx:tiny-code")                   # or an HF causal LM, or a ModelGraph
+    out = gen.generate(input_ids, max_new_tokens=64)       # [B, prompt + new], greedy
+    out = gen.generate(ids, attention_mask=m, max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0)
+    tokenfx.generate(model, ids, max_new_tokens=64)        # the same, with the Generator cached per model
+
+One step of the hot loop is: sample from ``[B, V]`` logits, write the token, run the decode
+graph on ``[B, 1]`` with a view of the preallocated cache ``[L, 2, B, Hkv, max_len, D]``,
+copy the step's K/V into the cache. Nothing is allocated per step except what the graph
+returns; layers are inside the graph, never a Python loop.
+
+Semantics follow Hugging Face ``generate``: left-padded batches, positions counted over real
+tokens, finished rows continue with the pad token, generation ends when every row has hit
+a stop token or ``max_new_tokens`` is reached; sampling applies temperature, then top-k,
+then top-p. Greedy output is token-identical to HF (tests).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+
+from tokenfx.errors import GenerationError, MappingError, ModelLoadError
+from tokenfx.ir.graph import ModelGraph
+from tokenfx.runtime.kv import PrefixCache
+
+
+_BUCKET = 256  # cache length granularity: one compiled shape per bucket, little waste
+
+
+class Generator:
+    """Prefill + decode graphs of one decoder, a preallocated cache and an optional prefix cache.
+
+    ``model``: a Hugging Face causal LM, a :class:`ModelGraph` of one, or any spec
+    :func:`tokenfx.load` accepts (``tokenfx:tiny-code``, an HF directory …).
+    ``compile``: ``False`` runs the graphs as they are (fx); ``True`` compiles both with
+    AOTInductor, once per model (packages cached on disk, see :mod:`tokenfx.runtime.executor`).
+    ``prefix_cache_bytes``: > 0 keeps prompts' K/V in a radix tree for reuse (LRU under the cap).
+    """
+
+    def __init__(self, model, *, compile: bool = False, prefix_cache_bytes: int = 0, max_positions: int = 0):
+        graph = decoder_graph(model)
+        from tokenfx.passes.base import optimize
+        from tokenfx.passes.kv_cache import KVCache
+
+        try:
+            self.prefill_graph = optimize(graph, [KVCache(mode="prefill", logits="last", max_positions=max_positions)])
+            self.decode_graph = optimize(graph, [KVCache(mode="decode", logits="last", max_positions=max_positions)])
+        except MappingError as exc:
+            raise GenerationError(f"cannot generate with {graph.family}: {exc}") from exc
+        self.layout = self.decode_graph.kv
+        self.config = graph.config
+        self.vocab_size = int(getattr(self.config, "vocab_size", 0) or 0)
+        self.eos_ids, self.pad_id = _special_tokens(self.config)
+        self.compile = bool(compile)
+        self._prefill = self.prefill_graph.gm
+        self._decode = self.decode_graph.gm
+        if self.compile:
+            from tokenfx.runtime.executor import compiled
+
+            self._prefill = compiled(self.prefill_graph, "prefill")
+            self._decode = compiled(self.decode_graph, "decode")
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self._buffers: dict = {}
+        self.last_stats: dict = {}
+
+    # -- public -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stop=None,
+                 stream: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """``input_ids [B, P]`` (left-padded with ``attention_mask``) → ``[B, P + new]``.
+
+        ``stop``: token id(s) that end a row (default: the model's EOS); ``stream(tokens[B])`` is
+        called with each step's tokens. Greedy when ``temperature == 0``.
+        """
+        ids, mask = self._check_inputs(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+        batch, prompt = ids.shape
+        stop_ids = self.eos_ids if stop is None else _as_ids(stop)
+        pad = self.pad_id if self.pad_id is not None else (stop_ids[0] if stop_ids else 0)
+        generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
+        sample = temperature > 0
+
+        start = time.perf_counter()
+        cache, cache_mask, out = self._allocate(batch, prompt + max_new_tokens, ids.device)
+        out[:, :prompt] = ids
+        cache_mask.zero_()
+        cache_mask[:, :prompt] = mask
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        logits, reused = self._prefill_prompt(ids, mask, positions, cache, cache_mask)
+        first_token_s = time.perf_counter() - start
+
+        position = positions[:, -1:] + 1
+        unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
+        stop_tensor = torch.tensor(stop_ids, device=ids.device) if stop_ids else None
+        ones = torch.ones(batch, 1, dtype=torch.long, device=ids.device)
+        steps = 0
+        for steps in range(1, max_new_tokens + 1):
+            scores = logits[:, -1, :]
+            token = _sample(scores, temperature, top_k, top_p, generator) if sample else scores.argmax(-1)
+            token = torch.where(unfinished, token, pad)
+            slot = prompt + steps - 1  # the token's column in ``out`` and its slot in the cache
+            out[:, slot] = token
+            if stream is not None:
+                stream(token)
+            if stop_tensor is not None:
+                unfinished &= ~torch.isin(token, stop_tensor)
+                if not bool(unfinished.any()):
+                    break
+            if steps == max_new_tokens:
+                break
+            logits, new_kv = self._decode(token[:, None], position, cache[:, :, :, :, :slot], cache_mask[:, :slot], ones)
+            cache[:, :, :, :, slot:slot + 1].copy_(new_kv)
+            cache_mask[:, slot] = 1
+            position += 1
+        total = prompt + steps
+        self._remember(out[:, :total], mask, cache, prompt, unfinished)
+        seconds = time.perf_counter() - start
+        self.last_stats = {"prompt_tokens": prompt, "new_tokens": steps, "batch": batch, "reused_tokens": reused,
+                           "seconds": seconds, "first_token_seconds": first_token_s,
+                           "decode_tokens_per_s": (steps - 1) * batch / max(seconds - first_token_s, 1e-9) if steps > 1 else 0.0}
+        return out[:, :total].clone()
+
+    # -- pieces -------------------------------------------------------------------------------------
+    def _check_inputs(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p):
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.numel() == 0:
+            raise GenerationError(f"input_ids must be a non-empty [batch, tokens] integer tensor, got shape {tuple(ids.shape)}")
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(ids.device).long()
+        if mask.dim() == 1:
+            mask = mask[None]
+        if mask.shape != ids.shape:
+            raise GenerationError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+        if not bool((mask.sum(-1) > 0).all()):
+            raise GenerationError("attention_mask: every row needs at least one real token")
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise GenerationError("attention_mask has padding on the right; tokenfx.generate expects left padding "
+                                  "(tokenizer.padding_side = 'left')")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        limit = self.layout.max_positions
+        if ids.shape[1] + max_new_tokens > limit:
+            raise GenerationError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                                  f"model's {limit} positions")
+        if self.vocab_size and (bool((ids < 0).any()) or bool((ids >= self.vocab_size).any())):
+            raise GenerationError(f"input_ids has ids outside the vocabulary [0, {self.vocab_size})")
+        if temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise GenerationError(f"top_k must be >= 1, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+        return ids.long(), mask
+
+    def _allocate(self, batch: int, length: int, device):
+        size = min(math.ceil(length / _BUCKET) * _BUCKET, self.layout.max_positions)
+        key = (batch, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf[0].shape[4] < size:
+            cache = torch.zeros(self.layout.cache_shape(batch, size), dtype=self.layout.dtype, device=device)
+            buf = (cache, torch.zeros(batch, size, dtype=torch.long, device=device),
+                   torch.empty(batch, size, dtype=torch.long, device=device))
+            self._buffers = {key: buf}  # one live allocation: the largest bucket seen for this batch
+        return buf
+
+    def _prefill_prompt(self, ids, mask, positions, cache, cache_mask):
+        """Fill the cache for the prompt; return the last position's logits and the reused count."""
+        batch, prompt = ids.shape
+        start = 0
+        if self.prefix_cache is not None:
+            pads = (prompt - mask.sum(-1)).tolist()
+            found = []
+            for row in range(batch):
+                real = ids[row, pads[row]:]
+                n, kv = self.prefix_cache.match(real[:-1])  # keep >= 1 token to compute: its logits start decoding
+                found.append((n, kv))
+            start = min(pads[r] + found[r][0] for r in range(batch))
+            if start > 0:
+                for row, (n, kv) in enumerate(found):
+                    use = start - pads[row]
+                    if use > 0:
+                        cache[:, :, row, :, pads[row]:start].copy_(kv[:, :, :, :use])
+        if start == 0:
+            logits, new_kv = self._prefill(ids, positions, mask)
+            cache[:, :, :, :, :prompt].copy_(new_kv)
+            return logits, 0
+        logits, new_kv = self._decode(ids[:, start:], positions[:, start:], cache[:, :, :, :, :start],
+                                      cache_mask[:, :start], mask[:, start:])
+        cache[:, :, :, :, start:prompt].copy_(new_kv)
+        return logits, start
+
+    def _remember(self, tokens, mask, cache, prompt, unfinished) -> None:
+        """Put each row's prompt + generated K/V into the prefix cache (the last token has none yet)."""
+        if self.prefix_cache is None:
+            return
+        pads = (prompt - mask.sum(-1)).tolist()
+        for row in range(tokens.shape[0]):
+            seq = tokens[row, pads[row]:-1]
+            if seq.numel():
+                self.prefix_cache.insert(seq, cache[:, :, row, :, pads[row]:pads[row] + seq.numel()])
+
+
+def _sample(scores: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
+    """HF order: temperature → top-k → top-p (smallest set with mass >= top_p), then one draw."""
+    scores = scores.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False  # keep at least the most likely token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _as_ids(stop) -> list[int]:
+    if isinstance(stop, int):
+        return [stop]
+    if isinstance(stop, torch.Tensor):
+        return [int(x) for x in stop.flatten().tolist()]
+    return [int(x) for x in stop]
+
+
+def _special_tokens(config) -> tuple[list[int], int | None]:
+    if config is None:
+        return [], None
+    eos = getattr(config, "eos_token_id", None)
+    eos_ids = [] if eos is None else _as_ids(eos)
+    pad = getattr(config, "pad_token_id", None)
+    return eos_ids, (int(pad) if pad is not None else (eos_ids[0] if eos_ids else None))
+
+
+# -- models -------------------------------------------------------------------------------------------
+def decoder_graph(model) -> ModelGraph:
+    """A full-sequence ModelGraph of a decoder, captured with token ids only."""
+    from tokenfx.frontends import hf
+    from tokenfx.frontends.torch_export import capture
+
+    if isinstance(model, ModelGraph):
+        return model
+    if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
+        model = _load_decoder(str(model))
+        if isinstance(model, ModelGraph):
+            return model
+    if not isinstance(model, torch.nn.Module):
+        raise GenerationError(f"cannot generate with a {type(model).__name__}: pass a causal LM, a ModelGraph or a model spec")
+    config = getattr(model, "config", None)
+    if hf.is_hf_model(model) and not _is_causal_lm(model):
+        raise GenerationError(f"{type(model).__name__} is not a causal language model (no LM head); "
+                              "tokenfx.generate needs a decoder such as LlamaForCausalLM")
+    vocab = int(getattr(config, "vocab_size", 2) or 2)
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    return capture(model, (ids.to(device),))
+
+
+def _is_causal_lm(model) -> bool:
+    name = type(model).__name__
+    return name.endswith(("ForCausalLM", "LMHeadModel")) or bool(getattr(model.config, "is_decoder", False))
+
+
+def _model_dir(spec: str):
+    """The directory behind ``tokenfx:<name>`` or an HF directory spec, else None."""
+    from pathlib import Path
+
+    if spec.startswith("tokenfx:"):
+        from tokenfx import assets
+
+        name = spec.split(":", 1)[1]
+        if name not in assets.names():
+            raise ModelLoadError(f"unknown bundled model {spec!r}; bundled: {', '.join('tokenfx:' + n for n in assets.names())}")
+        return Path(assets.path(name))
+    path = Path(spec)
+    return path if path.is_dir() else None
+
+
+def load_tokenizer(spec: str):
+    """The Hugging Face tokenizer stored with ``spec`` (left padding, for batched prompts)."""
+    directory = _model_dir(str(spec))
+    if directory is None or not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise ModelLoadError(f"{spec} has no tokenizer; give an HF directory with tokenizer files or tokenfx:<name>")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _load_decoder(spec: str):
+    from tokenfx.frontends.load import load, load_hf_model
+
+    directory = _model_dir(spec)
+    if directory is not None:
+        return load_hf_model(directory, dtype=torch.float32)
+    return load(spec)
+
+
+# -- the function ---------------------------------------------------------------------------------------
+_GENERATORS: dict = {}
+
+
+def generator_for(model, **options) -> Generator:
+    """The cached Generator for ``model`` (keyed by object identity or spec string and options)."""
+    key = (model if isinstance(model, str) else id(model), tuple(sorted(options.items())))
+    gen = _GENERATORS.get(key)
+    if gen is None or (not isinstance(model, str) and gen._owner is not model):
+        gen = Generator(model, **options)
+        gen._owner = model
+        _GENERATORS[key] = gen
+    return gen
+
+
+def generate(model, input_ids, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0, top_k=None,
+             top_p=None, seed=None, stop=None, speculate=None, stream=None, compile: bool = False) -> torch.Tensor:
+    """Generate with ``model`` (HF causal LM, ModelGraph or model spec); returns ``[B, prompt + new]``.
+
+    The prefill / decode graphs are built on first use and cached for the model.
+    """
+    if speculate is not None:
+        raise GenerationError("speculate= needs the draft-tree runtime, which is not built yet; leave it None")
+    gen = generator_for(model, compile=compile)
+    return gen.generate(input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream)
