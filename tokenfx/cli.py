@@ -222,7 +222,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from tokenfx.demo import run_demo
 
-    return run_demo(args.model, Path(args.out), console=_console())
+    return run_demo(args.model, Path(args.out), console=_console(), decoder=not args.no_decoder, compile=not args.no_compile)
 
 
 # -- entry point -----------------------------------------------------------------------------------
@@ -263,8 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the main job end to end on the bundled default model")
-    p.add_argument("--model", default="tokenfx:minilm")
+    p.add_argument("--model", default="tokenfx:minilm", help="the encoder to rewrite")
     p.add_argument("--out", default="out/demo", help="where the rewritten model and report go")
+    p.add_argument("--no-decoder", action="store_true", help="skip the tokenfx:tiny-code generation part")
+    p.add_argument("--no-compile", action="store_true", help="run the decoder graphs without AOTInductor")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,4 +1,7 @@
-"""``tokenfx demo``: the main job end to end on the bundled default model.
+"""``tokenfx demo``: the main job end to end on the bundled models.
+
+First the decoder (``tokenfx:tiny-code``, :mod:`tokenfx.demo_decode`): KV-cached generation
+against Hugging Face ``generate``. Then the encoder (pretrained MiniLM):
 
 1. inspect — recover the transformer structure of the real pretrained MiniLM;
 2. rewrite — capture with dynamic batch/tokens and run ``fuse_norm`` with verification;
@@ -56,7 +59,7 @@ def _interleaved_median_ms(fns: dict, repeats: int = 5) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run_demo(spec: str, out_dir: Path, console) -> int:
+def run_demo(spec: str, out_dir: Path, console, *, decoder: bool = True, compile: bool = True) -> int:
     from rich.table import Table
     from transformers import AutoTokenizer
 
@@ -68,8 +71,13 @@ def run_demo(spec: str, out_dir: Path, console) -> int:
     from tokenfx.passes.base import PassManager
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    decoded = None
+    if decoder:
+        from tokenfx.demo_decode import run_decoder_demo
+
+        decoded = run_decoder_demo(out_dir, console, compile=compile)
     directory = tokenfx.assets.path(spec.split(":", 1)[1]) if spec.startswith("tokenfx:") else Path(spec)
-    console.rule("[bold]tokenfx demo")
+    console.rule(f"[bold]tokenfx demo · encoder rewrite with {spec}")
     with console.status(f"loading {spec}"):
         model = load_hf_model(directory)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
@@ -147,9 +155,10 @@ def run_demo(spec: str, out_dir: Path, console) -> int:
                    "min_cosine_fx": cos_fx, "min_cosine_onnxruntime": cos_ort},
         "latency_ms": {"hf_eager": hf_ms, "tokenfx_graph": fx_ms, "onnxruntime": ort_ms,
                        "batch": list(test_inputs["input_ids"].shape)},
+        "decoder": decoded,
     }
     (out_dir / "report.json").write_text(json.dumps(result, indent=2))
-    ok = cos_ort > 0.9999 and cos_fx > 0.9999 and all(p.verified for p in report.passes)
+    ok = cos_ort > 0.9999 and cos_fx > 0.9999 and all(p.verified for p in report.passes) and (decoded is None or decoded["ok"])
     console.print(f"\nreport: {out_dir / 'report.json'} — " + ("[green]all checks passed[/green]" if ok else "[red]parity check failed[/red]"))
     return 0 if ok else 1
 

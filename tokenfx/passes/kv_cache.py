@@ -13,6 +13,7 @@ After, ``mode="decode"``::
         input_ids[B, T], positions[B, T],
         kv_cache[L, 2, B, Hkv, S, D], cache_mask[B, S], token_mask[B, T])
 
+``S`` is the cache buffer's length (slots not yet written have ``cache_mask = 0``).
 ``mode="prefill"`` has no cache inputs (``S = 0``). ``logits="last"`` returns only the
 last position's logits ``[B, 1, V]`` (the head runs on one token: what generation needs
 after a prompt). The runtime writes ``new_kv`` into its preallocated cache; the graph
@@ -22,9 +23,11 @@ How it works, from the ModelMap (no model-family cases):
 
 1. every attention core (SDPA) gets K and V = ``cat(cached, new)`` where ``new`` is the
    block's K/V *before* the GQA head repeat (so the cache holds ``kv_heads``), the repeat
-   is redone over the whole length, and the mask becomes
-   ``key_valid[b, j] & (j <= S + i)`` plus the diagonal (a left-pad query sees itself, so
-   no row is empty and no NaN reaches the cache);
+   is redone over the whole length, and the mask lets a new token see the cache slots
+   ``cache_mask`` marks valid plus the new tokens up to itself that are not padding, and
+   always itself (a left-pad query has a non-empty row, so no NaN reaches the cache). The
+   cache input can be the whole preallocated buffer: unwritten slots are masked, and the
+   graph needs no cache length (contiguous inputs, one compiled shape per buffer size);
 2. position information is whatever part of the graph depends on the token *count* but
    not on token *values* (RoPE cos/sin, learned position embeddings): each such tensor
    that meets data is precomputed for positions ``0 … max_positions-1`` once, stored as a
@@ -279,27 +282,28 @@ def _evaluate(gm: torch.fx.GraphModule, targets: list[Node], inputs: dict[Node, 
 
 
 def _attention_mask(g, ids, cache, cache_mask, token_mask, device) -> Node:
-    """``[B, 1, T, S+T]`` bool: key j is valid for query i when the key is not padding and
-    ``j <= S + i`` (causal); the diagonal is always allowed."""
+    """``[B, 1, T, S+T]`` bool. Cache slot j is visible where ``cache_mask[b, j]`` (every valid
+    slot precedes the new tokens, so no position test is needed and the cache may be the
+    whole preallocated buffer); new token j is visible to new token i when ``j <= i`` and it
+    is not padding; the diagonal is always allowed."""
     call = g.call_function
     t = call(aten.sym_size.int, (ids, 1))
     i = call(aten.arange.default, (t,), {"dtype": torch.long, "device": device})
-    keep = call(aten.ne.Scalar, (token_mask, 0))
-    if cache is not None:
-        s = call(aten.sym_size.int, (cache, 4))
-        total = call(operator.add, (s, t))
-        j = call(aten.arange.default, (total,), {"dtype": torch.long, "device": device})
-        qpos = call(aten.add.Tensor, (i, s))
-        keep = call(aten.cat.default, ([call(aten.ne.Scalar, (cache_mask, 0)), keep], 1))
-    else:
-        j, qpos = i, i
-    rows = call(aten.unsqueeze.default, (qpos, 1))  # [T, 1]
-    cols = call(aten.unsqueeze.default, (j, 0))  # [1, S+T]
-    causal = call(aten.le.Tensor, (cols, rows))
-    diagonal = call(aten.eq.Tensor, (cols, rows))
-    keys = call(aten.unsqueeze.default, (call(aten.unsqueeze.default, (keep, 1)), 1))  # [B, 1, 1, S+T]
-    allowed = call(aten.bitwise_and.Tensor, (keys, causal))
-    return call(aten.bitwise_or.Tensor, (allowed, diagonal))
+    causal = call(aten.le.Tensor, (call(aten.unsqueeze.default, (i, 0)), call(aten.unsqueeze.default, (i, 1))))  # [T, T]
+    diagonal = call(aten.eq.Tensor, (call(aten.unsqueeze.default, (i, 0)), call(aten.unsqueeze.default, (i, 1))))
+    keys = _as_key_mask(g, token_mask)  # [B, 1, 1, T]
+    allowed = call(aten.bitwise_or.Tensor, (call(aten.bitwise_and.Tensor, (keys, causal)), diagonal))  # [B, 1, T, T]
+    if cache is None:
+        return allowed
+    cached = call(aten.expand.default, (_as_key_mask(g, cache_mask), [-1, -1, t, -1]))  # [B, 1, T, S]
+    return call(aten.cat.default, ([cached, allowed], 3))
+
+
+def _as_key_mask(g, mask: Node) -> Node:
+    """``[B, K]`` (nonzero = valid) → ``[B, 1, 1, K]`` bool."""
+    call = g.call_function
+    keep = call(aten.ne.Scalar, (mask, 0))
+    return call(aten.unsqueeze.default, (call(aten.unsqueeze.default, (keep, 1)), 1))
 
 
 def _before_repeat(x: Node, kv_heads: int) -> Node:

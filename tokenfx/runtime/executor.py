@@ -15,6 +15,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,11 +48,18 @@ def compiled(graph: ModelGraph, label: str, *, progress: bool = True):
         path.parent.mkdir(parents=True, exist_ok=True)
         ep = torch.export.export(graph.gm, graph.example_args, dynamic_shapes=graph.dynamic_shapes, strict=False)
         with _status(f"compiling the {label} graph with AOTInductor (once; cached in {path.parent})", progress):
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecation noise
                 staged = Path(tmp) / path.name
                 torch._inductor.aoti_compile_and_package(ep, package_path=str(staged))
                 os.replace(staged, path)  # atomic: a concurrent reader sees the whole package or none
-    return torch._inductor.aoti_load_package(str(path))
+    runner = torch._inductor.aoti_load_package(str(path))
+
+    def call(*args):
+        # the package was compiled for contiguous inputs and reads them by those strides
+        return runner(*(a if not isinstance(a, torch.Tensor) or a.is_contiguous() else a.contiguous() for a in args))
+
+    return call
 
 
 class _status:

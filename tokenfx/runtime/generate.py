@@ -8,8 +8,8 @@
     tokenfx.generate(model, ids, max_new_tokens=64)        # the same, with the Generator cached per model
 
 One step of the hot loop is: sample from ``[B, V]`` logits, write the token, run the decode
-graph on ``[B, 1]`` with a view of the preallocated cache ``[L, 2, B, Hkv, max_len, D]``,
-copy the step's K/V into the cache. Nothing is allocated per step except what the graph
+graph on ``[B, 1]`` with the preallocated cache ``[L, 2, B, Hkv, max_len, D]`` (slots not
+yet written are masked), copy the step's K/V into the cache. Nothing is allocated per step except what the graph
 returns; layers are inside the graph, never a Python loop.
 
 Semantics follow Hugging Face ``generate``: left-padded batches, positions counted over real
@@ -115,7 +115,7 @@ class Generator:
                     break
             if steps == max_new_tokens:
                 break
-            logits, new_kv = self._decode(token[:, None], position, cache[:, :, :, :, :slot], cache_mask[:, :slot], ones)
+            logits, new_kv = self._decode(token[:, None], position, cache, cache_mask, ones)
             cache[:, :, :, :, slot:slot + 1].copy_(new_kv)
             cache_mask[:, slot] = 1
             position += 1
@@ -158,17 +158,17 @@ class Generator:
             raise GenerationError(f"top_k must be >= 1, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
-        return ids.long(), mask
+        return ids.long().contiguous(), mask.contiguous()
 
     def _allocate(self, batch: int, length: int, device):
         size = min(math.ceil(length / _BUCKET) * _BUCKET, self.layout.max_positions)
         key = (batch, device)
         buf = self._buffers.get(key)
-        if buf is None or buf[0].shape[4] < size:
+        if buf is None or buf[0].shape[4] != size:  # the graph attends over the whole buffer: keep it tight
             cache = torch.zeros(self.layout.cache_shape(batch, size), dtype=self.layout.dtype, device=device)
             buf = (cache, torch.zeros(batch, size, dtype=torch.long, device=device),
                    torch.empty(batch, size, dtype=torch.long, device=device))
-            self._buffers = {key: buf}  # one live allocation: the largest bucket seen for this batch
+            self._buffers = {key: buf}  # one live allocation
         return buf
 
     def _prefill_prompt(self, ids, mask, positions, cache, cache_mask):
@@ -192,8 +192,10 @@ class Generator:
             logits, new_kv = self._prefill(ids, positions, mask)
             cache[:, :, :, :, :prompt].copy_(new_kv)
             return logits, 0
-        logits, new_kv = self._decode(ids[:, start:], positions[:, start:], cache[:, :, :, :, :start],
-                                      cache_mask[:, :start], mask[:, start:])
+        cache_mask[:, start:].zero_()  # the suffix is the graph's "new" part until it is written
+        logits, new_kv = self._decode(ids[:, start:].contiguous(), positions[:, start:].contiguous(), cache, cache_mask,
+                                      mask[:, start:].contiguous())
+        cache_mask[:, start:prompt] = mask[:, start:]
         cache[:, :, :, :, start:prompt].copy_(new_kv)
         return logits, start
 
