@@ -37,8 +37,9 @@ How it works, from the ModelMap (no model-family cases):
    batch / token / cache-length dims (it exports to ONNX and compiles).
 
 Refused, with the reason: attention cores in the eager matmul-softmax-matmul form,
-attention masks that are not plain causal masks (ALiBi, sliding windows), and inputs other
-than ``input_ids`` that the computation still needs.
+attention masks that are not plain causal masks (ALiBi, learned biases), and inputs other
+than ``input_ids`` that the computation still needs. Sliding-window models (config
+``sliding_window``) are limited to sequences within the window, where they are causal.
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ class KVCache(Pass):
         ids = _token_input(placeholders)
         example_ids = _example_for(graph, ids.name, placeholders.index(ids))
         max_positions = o.max_positions or _max_positions(graph)
+        window = getattr(graph.config, "sliding_window", None) if graph.config is not None else None
+        if isinstance(window, int) and window > 0 and getattr(graph.config, "use_sliding_window", True) is not False:
+            max_positions = min(max_positions, window)  # within the window, sliding-window attention is plain causal
         _check_masks(gm, attentions, ids)
 
         decode = o.mode == "decode"

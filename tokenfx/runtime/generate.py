@@ -314,6 +314,7 @@ _GENERATORS: dict = {}
 
 def generator_for(model, **options) -> Generator:
     """The cached Generator for ``model`` (keyed by object identity or spec string and options)."""
+    options = {"compile": False, **options}
     key = (model if isinstance(model, str) else id(model), tuple(sorted(options.items())))
     gen = _GENERATORS.get(key)
     if gen is None or (not isinstance(model, str) and gen._owner is not model):
