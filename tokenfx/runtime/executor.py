@@ -53,6 +53,10 @@ def compiled(graph: ModelGraph, label: str, *, progress: bool = True):
                 staged = Path(tmp) / path.name
                 torch._inductor.aoti_compile_and_package(ep, package_path=str(staged))
                 os.replace(staged, path)  # atomic: a concurrent reader sees the whole package or none
+    return _load(path)
+
+
+def _load(path: Path):
     runner = torch._inductor.aoti_load_package(str(path))
 
     def call(*args):
@@ -79,3 +83,56 @@ class _status:
     def __exit__(self, *exc):
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
+
+
+# -- whole sets of graphs for one model (a Generator's prefill + decode) ----------------------------------
+def module_key(module: torch.nn.Module, label: str) -> str:
+    """Content hash of a model and of the tokenfx / torch code that would turn it into graphs."""
+    h = hashlib.sha256()
+    config = getattr(module, "config", None)
+    for part in (label, type(module).__qualname__, torch.__version__, _package_digest(),
+                 config.to_json_string() if hasattr(config, "to_json_string") else repr(config)):
+        h.update(str(part).encode())
+    for name, value in list(module.named_parameters()) + list(module.named_buffers()):
+        h.update(name.encode())
+        h.update(str((tuple(value.shape), value.dtype, value.device.type)).encode())
+        h.update(value.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _package_digest() -> str:
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def remember_compiled_set(key: str, graphs: dict, meta: dict) -> None:
+    """Record which packages a model's graphs compiled to, so the next process can skip building them."""
+    import json
+
+    entry = {"packages": {label: str(cache_dir() / "aoti" / f"{label}-{graph_key(g, label)}.pt2") for label, g in graphs.items()},
+             "meta": meta}
+    index = cache_dir() / "sets" / f"{key}.json"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entry))
+    os.replace(tmp, index)
+
+
+def load_compiled_set(key: str, labels: tuple[str, ...]):
+    """``((callable, …), meta)`` for a model remembered by :func:`remember_compiled_set`, else None."""
+    import json
+
+    index = cache_dir() / "sets" / f"{key}.json"
+    if not index.exists():
+        return None
+    try:
+        entry = json.loads(index.read_text())
+        paths = [Path(entry["packages"][label]) for label in labels]
+    except (json.JSONDecodeError, KeyError):
+        return None
+    if not all(p.exists() for p in paths):
+        return None
+    return tuple(_load(p) for p in paths), entry["meta"]

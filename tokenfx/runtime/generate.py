@@ -45,30 +45,60 @@ class Generator:
     """
 
     def __init__(self, model, *, compile: bool = False, prefix_cache_bytes: int = 0, max_positions: int = 0):
-        graph = decoder_graph(model)
-        from tokenfx.passes.base import optimize
-        from tokenfx.passes.kv_cache import KVCache
+        self.compile = bool(compile)
+        self._max_positions = max_positions
+        self._source = _resolve(model)  # an nn.Module or a ModelGraph
+        self._graphs: dict = {}
+        self.config = getattr(self._source, "config", None)
+        warm = None
+        if self.compile and isinstance(self._source, torch.nn.Module):
+            from tokenfx.runtime import executor
 
-        try:
-            self.prefill_graph = optimize(graph, [KVCache(mode="prefill", logits="last", max_positions=max_positions)])
-            self.decode_graph = optimize(graph, [KVCache(mode="decode", logits="last", max_positions=max_positions)])
-        except MappingError as exc:
-            raise GenerationError(f"cannot generate with {graph.family}: {exc}") from exc
-        self.layout = self.decode_graph.kv
-        self.config = graph.config
+            # a model compiled before (same weights, config, tokenfx and torch): skip capture and passes
+            self._warm_key = executor.module_key(self._source, f"generator:{max_positions}")
+            warm = executor.load_compiled_set(self._warm_key, ("prefill", "decode"))
+        if warm is not None:
+            (self._prefill, self._decode), meta = warm
+            self.layout = _layout_from_json(meta["layout"])
+        else:
+            self.layout = self.decode_graph.kv
+            self._prefill, self._decode = self.prefill_graph.gm, self.decode_graph.gm
+            if self.compile:
+                from tokenfx.runtime import executor
+
+                self._prefill = executor.compiled(self.prefill_graph, "prefill")
+                self._decode = executor.compiled(self.decode_graph, "decode")
+                if isinstance(self._source, torch.nn.Module):
+                    executor.remember_compiled_set(self._warm_key, {"prefill": self.prefill_graph, "decode": self.decode_graph},
+                                                   {"layout": _layout_to_json(self.layout)})
         self.vocab_size = int(getattr(self.config, "vocab_size", 0) or 0)
         self.eos_ids, self.pad_id = _special_tokens(self.config)
-        self.compile = bool(compile)
-        self._prefill = self.prefill_graph.gm
-        self._decode = self.decode_graph.gm
-        if self.compile:
-            from tokenfx.runtime.executor import compiled
-
-            self._prefill = compiled(self.prefill_graph, "prefill")
-            self._decode = compiled(self.decode_graph, "decode")
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self._buffers: dict = {}
         self.last_stats: dict = {}
+
+    # -- graphs (built on first use; a warm compiled Generator never needs them to decode) ---------
+    @property
+    def prefill_graph(self) -> ModelGraph:
+        return self._graph("prefill")
+
+    @property
+    def decode_graph(self) -> ModelGraph:
+        return self._graph("decode")
+
+    def _graph(self, mode: str) -> ModelGraph:
+        if mode not in self._graphs:
+            from tokenfx.passes.base import optimize
+            from tokenfx.passes.kv_cache import KVCache
+
+            if "full" not in self._graphs:
+                self._graphs["full"] = decoder_graph(self._source)
+            graph = self._graphs["full"]
+            try:
+                self._graphs[mode] = optimize(graph, [KVCache(mode=mode, logits="last", max_positions=self._max_positions)])
+            except MappingError as exc:
+                raise GenerationError(f"cannot generate with {graph.family}: {exc}") from exc
+        return self._graphs[mode]
 
     # -- public -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -244,23 +274,45 @@ def _special_tokens(config) -> tuple[list[int], int | None]:
 
 
 # -- models -------------------------------------------------------------------------------------------
-def decoder_graph(model) -> ModelGraph:
-    """A full-sequence ModelGraph of a decoder, captured with token ids only."""
+def _resolve(model):
+    """``model`` as an nn.Module or a ModelGraph (specs are loaded), checked to be a decoder."""
     from tokenfx.frontends import hf
-    from tokenfx.frontends.torch_export import capture
 
-    if isinstance(model, ModelGraph):
-        return model
     if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
         model = _load_decoder(str(model))
-        if isinstance(model, ModelGraph):
-            return model
+    if isinstance(model, ModelGraph):
+        return model
     if not isinstance(model, torch.nn.Module):
         raise GenerationError(f"cannot generate with a {type(model).__name__}: pass a causal LM, a ModelGraph or a model spec")
-    config = getattr(model, "config", None)
     if hf.is_hf_model(model) and not _is_causal_lm(model):
         raise GenerationError(f"{type(model).__name__} is not a causal language model (no LM head); "
                               "tokenfx.generate needs a decoder such as LlamaForCausalLM")
+    return model
+
+
+def _layout_to_json(layout) -> dict:
+    import dataclasses
+
+    data = dataclasses.asdict(layout)
+    data["dtype"] = str(layout.dtype).removeprefix("torch.")
+    data["inputs"] = list(layout.inputs)
+    return data
+
+
+def _layout_from_json(data: dict):
+    from tokenfx.passes.kv_cache import KVLayout
+
+    return KVLayout(**{**data, "dtype": getattr(torch, data["dtype"]), "inputs": tuple(data["inputs"])})
+
+
+def decoder_graph(model) -> ModelGraph:
+    """A full-sequence ModelGraph of a decoder, captured with token ids only."""
+    from tokenfx.frontends.torch_export import capture
+
+    model = _resolve(model)
+    if isinstance(model, ModelGraph):
+        return model
+    config = getattr(model, "config", None)
     vocab = int(getattr(config, "vocab_size", 2) or 2)
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
     device = next(model.parameters()).device
