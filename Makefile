@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/fuse_norm.py
+	$(PY) benchmarks/generate.py
 
 clean:
 	rm -rf out .pytest_cache
