@@ -118,13 +118,14 @@ def run_decoder_demo(out_dir: Path, console, *, compile: bool = True, new_tokens
 
     console.print("\n[bold]4. export[/bold] — the decode graph to ONNX, one step in onnxruntime")
     onnx_path = out_dir / "tiny_code_decode.onnx"
-    with console.status("exporting the decode graph"):
-        export_onnx(gen.decode_graph, onnx_path)
-    args = list(example_inputs(layout, batch=2, tokens=1, past=16, vocab=gen.vocab_size))
+    with console.status("building the portable decode graph (new K/V as an output) and exporting it"):
+        portable = gen.graph("decode", cache_update="output")
+        export_onnx(portable, onnx_path)
+    args = list(example_inputs(portable.kv, batch=2, tokens=1, past=16, vocab=gen.vocab_size))
     args[2] = torch.randn(args[2].shape, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        logits, new_kv = gen.decode_graph.gm(*args)
-    ort = run_onnxruntime(onnx_path, dict(zip(layout.inputs, args)))
+        logits, new_kv = portable.gm(*args)
+    ort = run_onnxruntime(onnx_path, dict(zip(portable.kv.inputs, args)))
     onnx_err = max(float((torch.as_tensor(o) - r).abs().max()) for o, r in zip(ort, (logits, new_kv)))
     console.print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB); onnxruntime vs graph max |Δ| {onnx_err:.1e}")
 

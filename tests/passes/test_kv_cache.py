@@ -254,8 +254,51 @@ def test_eager_attention_core_is_refused():
         tokenfx.optimize(graph, "kv_cache(mode=decode,logits=all)")
 
 
-@pytest.mark.parametrize("options", ["mode=bogus", "logits=bogus"])
+@pytest.mark.parametrize("options", ["mode=bogus", "logits=bogus", "cache_update=bogus"])
 def test_bad_options(options):
     _, graph = source("llama")
     with pytest.raises(PassOptionError, match=options.split("=")[0]):
         tokenfx.optimize(graph, f"kv_cache({options})")
+
+
+# -- cache_update=inplace: the graph writes new K/V into the buffer it attends over ----------------------
+@functools.lru_cache(maxsize=None)
+def inplace(name: str):
+    _, graph = source(name)
+    return PassManager("kv_cache(mode=decode,logits=all,cache_update=inplace)", verify=True).run(graph)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_inplace_verifies_and_takes_slots(name):
+    report = inplace(name)
+    assert report.passes[0].verified
+    gm = report.graph.gm
+    assert placeholders(gm) == INPUTS["decode"] + ["slots"]
+    writes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.tokenfx.kv_write.default]
+    assert len(writes) == EXPECTED[name][0]  # one in-place write per layer, no cat of the cache
+    cats = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.cat.default
+            and any(a.name == "kv_cache" for a in n.all_input_nodes)]
+    assert not cats
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_inplace_token_by_token_fills_the_buffer_like_output_mode(name):
+    """One preallocated buffer, unwritten slots masked; logits match the full sequence and the
+    buffer ends up holding exactly the K/V the output-mode graph returns."""
+    graph = inplace(name).graph
+    reference = rewritten(name, "decode", "all").graph
+    b, n, size = 2, 9, 12
+    ids = random_ids(b, n, seed=7)
+    full = full_logits(name, ids)
+    cache = torch.zeros(graph.kv.cache_shape(b, size))
+    cache_mask = torch.zeros(b, size, dtype=torch.long)
+    one = torch.ones(b, 1, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(n):
+            logits, _ = graph.gm(ids[:, t:t + 1], torch.full((b, 1), t), cache, cache_mask, one, torch.tensor([t]))
+            torch.testing.assert_close(logits[:, 0], full[:, t], atol=ATOL, rtol=0, msg=lambda m: f"position {t}: {m}")
+            cache_mask[:, t] = 1
+        _, expected = reference.gm(ids, torch.arange(n).expand(b, n), empty_cache(reference.kv, b),
+                                   torch.ones(b, 0, dtype=torch.long), torch.ones(b, n, dtype=torch.long))
+    torch.testing.assert_close(cache[:, :, :, :, :n], expected, atol=ATOL, rtol=0)
+    assert not cache[:, :, :, :, n:].any()  # nothing written past the last token

@@ -77,6 +77,7 @@ class KVLayout:
     max_positions: int  # positions the tables cover: prompt + generated must stay below
     dtype: torch.dtype  # of the cache
     inputs: tuple[str, ...]
+    cache_update: str = "output"  # "inplace": the graph writes new K/V into kv_cache at ``slots`` itself
 
     def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
         return (self.layers, 2, batch, self.kv_heads, length, self.head_dim)
@@ -94,6 +95,7 @@ class KVCache(Pass):
         mode: str = "decode"  # "decode" (cache in) or "prefill" (no cache)
         logits: str = "all"  # "all" positions or only the "last"
         max_positions: int = 0  # 0: the model's own limit (config / capture range)
+        cache_update: str = "output"  # "output": new K/V are an output (ONNX); "inplace": written into kv_cache
 
     def run(self, graph: ModelGraph) -> PassResult:
         o = self.options
@@ -101,6 +103,8 @@ class KVCache(Pass):
             raise PassOptionError(f"kv_cache: mode must be 'decode' or 'prefill', got {o.mode!r}")
         if o.logits not in ("all", "last"):
             raise PassOptionError(f"kv_cache: logits must be 'all' or 'last', got {o.logits!r}")
+        if o.cache_update not in ("output", "inplace"):
+            raise PassOptionError(f"kv_cache: cache_update must be 'output' or 'inplace', got {o.cache_update!r}")
         structure = graph.structure
         attentions = [(b, a) for b in structure.blocks for a in b.attention]
         for block, att in attentions:
@@ -122,6 +126,7 @@ class KVCache(Pass):
         _check_masks(gm, attentions, ids)
 
         decode = o.mode == "decode"
+        inplace = decode and o.cache_update == "inplace"
         first = next(n for n in g.nodes if n.op != "placeholder")
         with g.inserting_before(first):
             new_ids = g.placeholder("tokens")
@@ -129,10 +134,11 @@ class KVCache(Pass):
             cache = g.placeholder("kv_cache") if decode else None
             cache_mask = g.placeholder("cache_mask") if decode else None
             token_mask = g.placeholder("token_mask")
+            slots = g.placeholder("slots") if inplace else None
         ids.replace_all_uses_with(new_ids)
 
         with g.inserting_before(first):
-            allowed = _attention_mask(g, new_ids, cache, cache_mask, token_mask, example_ids.device)
+            allowed = _attention_mask(g, new_ids, cache, cache_mask, token_mask, example_ids.device, slots)
 
         new_kv = []
         for layer, (block, att) in enumerate(attentions):
@@ -144,7 +150,12 @@ class KVCache(Pass):
                 pair = g.call_function(aten.stack.default, ([k_new, v_new], 0))
                 new_kv.append(pair)
                 k_all, v_all = k_new, v_new
-                if decode:
+                if inplace:  # write first, then attend over the buffer itself: no copy of the cache
+                    g.call_function(_kv_write_op(), (cache, layer, slots, k_new, v_new))
+                    layer_cache = g.call_function(aten.select.int, (cache, 0, layer))
+                    k_all = g.call_function(aten.select.int, (layer_cache, 0, 0))
+                    v_all = g.call_function(aten.select.int, (layer_cache, 0, 1))
+                elif decode:
                     layer_cache = g.call_function(aten.select.int, (cache, 0, layer))
                     k_all = g.call_function(aten.cat.default, ([g.call_function(aten.select.int, (layer_cache, 0, 0)), k_new], 2))
                     v_all = g.call_function(aten.cat.default, ([g.call_function(aten.select.int, (layer_cache, 0, 1)), v_new], 2))
@@ -192,8 +203,8 @@ class KVCache(Pass):
 
         layout = KVLayout(o.mode, o.logits, len(attentions), attentions[0][1].heads, attentions[0][1].kv_heads,
                           attentions[0][1].head_dim, max_positions, _kv_dtype(attentions[0][1].k),
-                          ("tokens", "positions", "kv_cache", "cache_mask", "token_mask") if decode
-                          else ("tokens", "positions", "token_mask"))
+                          ("tokens", "positions", "kv_cache", "cache_mask", "token_mask") + (("slots",) if inplace else ())
+                          if decode else ("tokens", "positions", "token_mask"), o.cache_update if decode else "output")
         new = _reexport(gm, graph, layout, example_ids)
         matched = [f"{b.name}: attention reads the cache" for b, _ in attentions]
         matched += [f"position table {name} [{max_positions} positions]" for name in tables]
@@ -283,11 +294,13 @@ def _evaluate(gm: torch.fx.GraphModule, targets: list[Node], inputs: dict[Node, 
     return {t: env[t] for t in targets}
 
 
-def _attention_mask(g, ids, cache, cache_mask, token_mask, device) -> Node:
-    """``[B, 1, T, S+T]`` bool. Cache slot j is visible where ``cache_mask[b, j]`` (every valid
-    slot precedes the new tokens, so no position test is needed and the cache may be the
-    whole preallocated buffer); new token j is visible to new token i when ``j <= i`` and it
-    is not padding; the diagonal is always allowed."""
+def _attention_mask(g, ids, cache, cache_mask, token_mask, device, slots=None) -> Node:
+    """``[B, 1, T, S+T]`` bool (``[B, 1, T, S]`` with ``slots``). Cache slot j is visible where
+    ``cache_mask[b, j]`` (every valid slot precedes the new tokens, so no position test is
+    needed and the cache may be the whole preallocated buffer); new token j is visible to new
+    token i when ``j <= i`` and it is not padding; the diagonal is always allowed. With
+    ``slots`` the new tokens live in the cache at those slots, and their part of the mask
+    is placed there."""
     call = g.call_function
     t = call(aten.sym_size.int, (ids, 1))
     i = call(aten.arange.default, (t,), {"dtype": torch.long, "device": device})
@@ -298,7 +311,10 @@ def _attention_mask(g, ids, cache, cache_mask, token_mask, device) -> Node:
     if cache is None:
         return allowed
     cached = call(aten.expand.default, (_as_key_mask(g, cache_mask), [-1, -1, t, -1]))  # [B, 1, T, S]
-    return call(aten.cat.default, ([cached, allowed], 3))
+    if slots is None:
+        return call(aten.cat.default, ([cached, allowed], 3))
+    placed = call(aten.index_copy.default, (call(aten.zeros_like.default, (cached,)), 3, slots, allowed))
+    return call(aten.bitwise_or.Tensor, (cached, placed))
 
 
 def _as_key_mask(g, mask: Node) -> Node:
@@ -318,6 +334,12 @@ def _before_repeat(x: Node, kv_heads: int) -> Node:
         if s is not None and len(s) == 4 and s[1] == kv_heads:
             return node
     raise MappingError(f"kv_cache: cannot find K/V with {kv_heads} heads before the attention core (at {x.name})")
+
+
+def _kv_write_op():
+    from tokenfx.codegen import kv_write  # noqa: F401  (registers tokenfx::kv_write)
+
+    return torch.ops.tokenfx.kv_write.default
 
 
 def _inherit_module_path(nodes, origin: Node) -> None:
@@ -410,6 +432,12 @@ def example_inputs(layout: KVLayout, *, batch: int, tokens: int, past: int, devi
     token_mask = torch.ones(batch, tokens, dtype=torch.long, device=device)
     if layout.mode == "prefill":
         return (ids, positions, token_mask)
+    if layout.cache_update == "inplace":  # the buffer also holds the new tokens' slots
+        cache = torch.zeros(layout.cache_shape(batch, past + tokens), dtype=layout.dtype, device=device)
+        cache_mask = torch.zeros(batch, past + tokens, dtype=torch.long, device=device)
+        cache_mask[:, :past] = 1
+        slots = torch.arange(past, past + tokens, device=device)
+        return (ids, positions, cache, cache_mask, token_mask, slots)
     cache = torch.zeros(layout.cache_shape(batch, past), dtype=layout.dtype, device=device)
     return (ids, positions, cache, torch.ones(batch, past, dtype=torch.long, device=device), token_mask)
 
@@ -420,6 +448,10 @@ def dynamic_shapes(layout: KVLayout):
     if layout.mode == "prefill":
         return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: batch, 1: tokens})
     past = torch.export.Dim("past", min=1, max=layout.max_positions - 1)
+    if layout.cache_update == "inplace":
+        length = torch.export.Dim("cache_length", min=2, max=layout.max_positions)
+        return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {2: batch, 4: length}, {0: batch, 1: length},
+                {0: batch, 1: tokens}, {0: tokens})
     return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {2: batch, 4: past}, {0: batch, 1: past}, {0: batch, 1: tokens})
 
 
@@ -461,6 +493,16 @@ def reference_pairs(before: ModelGraph, after: ModelGraph) -> list[tuple[torch.T
             ref = full[:, -1:] if layout.logits == "last" else full
             return [(ref, logits)]
         split = max(n // 2, 1)
+        if layout.cache_update == "inplace":
+            cache = torch.zeros(layout.cache_shape(b, n), dtype=layout.dtype)
+            cache_mask = torch.zeros(b, n, dtype=torch.long)
+            first, _ = after.gm(ids[:, :split], pos[:, :split], cache, cache_mask, ones[:, :split], torch.arange(split))
+            cache_mask[:, :split] = 1
+            second, _ = after.gm(ids[:, split:].contiguous(), pos[:, split:].contiguous(), cache, cache_mask,
+                                 ones[:, split:], torch.arange(split, n))
+            if layout.logits == "last":
+                return [(full[:, split - 1:split], first), (full[:, -1:], second)]
+            return [(full[:, :split], first), (full[:, split:], second)]
         empty = torch.zeros(layout.cache_shape(b, 0), dtype=layout.dtype)
         first, kv = after.gm(ids[:, :split], pos[:, :split], empty, ones[:, :0], ones[:, :split])
         second, _ = after.gm(ids[:, split:], pos[:, split:], kv, ones[:, :split], ones[:, split:])

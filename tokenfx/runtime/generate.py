@@ -80,14 +80,17 @@ class Generator:
     # -- graphs (built on first use; a warm compiled Generator never needs them to decode) ---------
     @property
     def prefill_graph(self) -> ModelGraph:
-        return self._graph("prefill")
+        return self.graph("prefill")
 
     @property
     def decode_graph(self) -> ModelGraph:
-        return self._graph("decode")
+        """The decode graph the Generator runs: it writes new K/V into the cache itself."""
+        return self.graph("decode", cache_update="inplace")
 
-    def _graph(self, mode: str) -> ModelGraph:
-        if mode not in self._graphs:
+    def graph(self, mode: str, cache_update: str = "output") -> ModelGraph:
+        """A ``kv_cache`` graph of this model (``cache_update="output"`` is the portable one, for ONNX)."""
+        key = (mode, cache_update if mode == "decode" else "output")
+        if key not in self._graphs:
             from tokenfx.passes.base import optimize
             from tokenfx.passes.kv_cache import KVCache
 
@@ -95,10 +98,11 @@ class Generator:
                 self._graphs["full"] = decoder_graph(self._source)
             graph = self._graphs["full"]
             try:
-                self._graphs[mode] = optimize(graph, [KVCache(mode=mode, logits="last", max_positions=self._max_positions)])
+                self._graphs[key] = optimize(graph, [KVCache(mode=mode, logits="last", max_positions=self._max_positions,
+                                                             cache_update=key[1])])
             except MappingError as exc:
                 raise GenerationError(f"cannot generate with {graph.family}: {exc}") from exc
-        return self._graphs[mode]
+        return self._graphs[key]
 
     # -- public -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -118,12 +122,12 @@ class Generator:
         sample = temperature > 0
 
         start = time.perf_counter()
-        cache, cache_mask, out = self._allocate(batch, prompt + max_new_tokens, ids.device)
+        cache, cache_mask, out, slots = self._allocate(batch, prompt + max_new_tokens, ids.device)
         out[:, :prompt] = ids
         cache_mask.zero_()
         cache_mask[:, :prompt] = mask
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        logits, reused = self._prefill_prompt(ids, mask, positions, cache, cache_mask)
+        logits, reused = self._prefill_prompt(ids, mask, positions, cache, cache_mask, slots)
         first_token_s = time.perf_counter() - start
 
         position = positions[:, -1:] + 1
@@ -145,8 +149,7 @@ class Generator:
                     break
             if steps == max_new_tokens:
                 break
-            logits, new_kv = self._decode(token[:, None], position, cache, cache_mask, ones)
-            cache[:, :, :, :, slot:slot + 1].copy_(new_kv)
+            logits, _ = self._decode(token[:, None], position, cache, cache_mask, ones, slots[slot:slot + 1])  # writes K/V
             cache_mask[:, slot] = 1
             position += 1
         total = prompt + steps
@@ -197,11 +200,11 @@ class Generator:
         if buf is None or buf[0].shape[4] != size:  # the graph attends over the whole buffer: keep it tight
             cache = torch.zeros(self.layout.cache_shape(batch, size), dtype=self.layout.dtype, device=device)
             buf = (cache, torch.zeros(batch, size, dtype=torch.long, device=device),
-                   torch.empty(batch, size, dtype=torch.long, device=device))
+                   torch.empty(batch, size, dtype=torch.long, device=device), torch.arange(size, device=device))
             self._buffers = {key: buf}  # one live allocation
         return buf
 
-    def _prefill_prompt(self, ids, mask, positions, cache, cache_mask):
+    def _prefill_prompt(self, ids, mask, positions, cache, cache_mask, slots):
         """Fill the cache for the prompt; return the last position's logits and the reused count."""
         batch, prompt = ids.shape
         start = 0
@@ -223,10 +226,9 @@ class Generator:
             cache[:, :, :, :, :prompt].copy_(new_kv)
             return logits, 0
         cache_mask[:, start:].zero_()  # the suffix is the graph's "new" part until it is written
-        logits, new_kv = self._decode(ids[:, start:].contiguous(), positions[:, start:].contiguous(), cache, cache_mask,
-                                      mask[:, start:].contiguous())
+        logits, _ = self._decode(ids[:, start:].contiguous(), positions[:, start:].contiguous(), cache, cache_mask,
+                                 mask[:, start:].contiguous(), slots[start:prompt])  # writes the suffix's K/V
         cache_mask[:, start:prompt] = mask[:, start:]
-        cache[:, :, :, :, start:prompt].copy_(new_kv)
         return logits, start
 
     def _remember(self, tokens, mask, cache, prompt, unfinished) -> None:
