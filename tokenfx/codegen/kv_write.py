@@ -20,12 +20,21 @@ from __future__ import annotations
 import torch
 
 
-@torch.library.custom_op("tokenfx::kv_write", mutates_args=("cache",))
+# Defined with the low-level Library API rather than ``torch.library.custom_op``: the call
+# costs ~30 µs instead of ~115 µs (measured), and it runs once per layer per decode step.
+_lib = torch.library.Library("tokenfx", "FRAGMENT")
+_lib.define("kv_write(Tensor(a!) cache, int layer, Tensor slots, Tensor k, Tensor v) -> ()")
+
+
 def kv_write(cache: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Reference (and the implementation on every device): two ``index_copy_`` along the slot dim."""
     cache[layer, 0].index_copy_(2, slots, k.to(cache.dtype))
     cache[layer, 1].index_copy_(2, slots, v.to(cache.dtype))
 
 
-@kv_write.register_fake
+_lib.impl("kv_write", kv_write, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("tokenfx::kv_write")
 def _(cache, layer, slots, k, v):
     return None
