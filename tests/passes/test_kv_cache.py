@@ -302,3 +302,24 @@ def test_inplace_token_by_token_fills_the_buffer_like_output_mode(name):
                                    torch.ones(b, 0, dtype=torch.long), torch.ones(b, n, dtype=torch.long))
     torch.testing.assert_close(cache[:, :, :, :, :n], expected, atol=ATOL, rtol=0)
     assert not cache[:, :, :, :, n:].any()  # nothing written past the last token
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_unpadded_prefill_is_causal_without_a_mask(name):
+    """padded=False: no token_mask input, every SDPA runs is_causal with no mask tensor, same logits."""
+    _, graph = source(name)
+    report = PassManager("kv_cache(mode=prefill,padded=false)", verify=True).run(graph)
+    assert report.passes[0].verified
+    gm = report.graph.gm
+    assert placeholders(gm) == ["tokens", "positions"]
+    cores = [bound(n) for n in gm.graph.nodes if n.op == "call_function"
+             and n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(cores) == EXPECTED[name][0]
+    assert all(c.get("is_causal") is True and c.get("attn_mask") is None for c in cores)
+    ids = random_ids(3, 11, seed=9)
+    with torch.no_grad():
+        logits, new_kv = gm(ids, torch.arange(11).expand(3, 11))
+        padded_logits, padded_kv = rewritten(name, "prefill", "all").graph.gm(ids, torch.arange(11).expand(3, 11),
+                                                                              torch.ones(3, 11, dtype=torch.long))
+    torch.testing.assert_close(logits, padded_logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(new_kv, padded_kv, atol=ATOL, rtol=0)

@@ -14,7 +14,9 @@ After, ``mode="decode"``::
         kv_cache[L, 2, B, Hkv, S, D], cache_mask[B, S], token_mask[B, T])
 
 ``S`` is the cache buffer's length (slots not yet written have ``cache_mask = 0``).
-``mode="prefill"`` has no cache inputs (``S = 0``). ``logits="last"`` returns only the
+``mode="prefill"`` has no cache inputs (``S = 0``); with ``padded=False`` it has no
+``token_mask`` either and attention runs SDPA's ``is_causal`` path (no mask tensor, the upper
+triangle skipped: the fast prefill of unpadded batches). ``logits="last"`` returns only the
 last position's logits ``[B, 1, V]`` (the head runs on one token: what generation needs
 after a prompt). The runtime writes ``new_kv`` into its preallocated cache; the graph
 never copies the cache except to read it.
@@ -96,6 +98,7 @@ class KVCache(Pass):
         logits: str = "all"  # "all" positions or only the "last"
         max_positions: int = 0  # 0: the model's own limit (config / capture range)
         cache_update: str = "output"  # "output": new K/V are an output (ONNX); "inplace": written into kv_cache
+        padded: bool = True  # prefill only: False = no token_mask, SDPA's is_causal fast path (unpadded batches)
 
     def run(self, graph: ModelGraph) -> PassResult:
         o = self.options
@@ -127,18 +130,21 @@ class KVCache(Pass):
 
         decode = o.mode == "decode"
         inplace = decode and o.cache_update == "inplace"
+        dense = not decode and not o.padded  # causal attention without a mask: SDPA skips the upper triangle
         first = next(n for n in g.nodes if n.op != "placeholder")
         with g.inserting_before(first):
             new_ids = g.placeholder("tokens")
             positions = g.placeholder("positions")
             cache = g.placeholder("kv_cache") if decode else None
             cache_mask = g.placeholder("cache_mask") if decode else None
-            token_mask = g.placeholder("token_mask")
+            token_mask = None if dense else g.placeholder("token_mask")
             slots = g.placeholder("slots") if inplace else None
         ids.replace_all_uses_with(new_ids)
 
-        with g.inserting_before(first):
-            allowed = _attention_mask(g, new_ids, cache, cache_mask, token_mask, example_ids.device, slots)
+        allowed = None
+        if not dense:
+            with g.inserting_before(first):
+                allowed = _attention_mask(g, new_ids, cache, cache_mask, token_mask, example_ids.device, slots)
 
         new_kv = []
         for layer, (block, att) in enumerate(attentions):
@@ -159,7 +165,8 @@ class KVCache(Pass):
                     layer_cache = g.call_function(aten.select.int, (cache, 0, layer))
                     k_all = g.call_function(aten.cat.default, ([g.call_function(aten.select.int, (layer_cache, 0, 0)), k_new], 2))
                     v_all = g.call_function(aten.cat.default, ([g.call_function(aten.select.int, (layer_cache, 0, 1)), v_new], 2))
-                kwargs: dict[str, Any] = {"attn_mask": allowed, "dropout_p": 0.0, "is_causal": False}
+                kwargs: dict[str, Any] = ({"dropout_p": 0.0, "is_causal": True} if dense else
+                                          {"attn_mask": allowed, "dropout_p": 0.0, "is_causal": False})
                 if sdpa.get("scale") is not None:
                     kwargs["scale"] = sdpa["scale"]
                 if att.heads != kv_heads:
@@ -204,7 +211,8 @@ class KVCache(Pass):
         layout = KVLayout(o.mode, o.logits, len(attentions), attentions[0][1].heads, attentions[0][1].kv_heads,
                           attentions[0][1].head_dim, max_positions, _kv_dtype(attentions[0][1].k),
                           ("tokens", "positions", "kv_cache", "cache_mask", "token_mask") + (("slots",) if inplace else ())
-                          if decode else ("tokens", "positions", "token_mask"), o.cache_update if decode else "output")
+                          if decode else ("tokens", "positions") + (() if dense else ("token_mask",)),
+                          o.cache_update if decode else "output")
         new = _reexport(gm, graph, layout, example_ids)
         matched = [f"{b.name}: attention reads the cache" for b, _ in attentions]
         matched += [f"position table {name} [{max_positions} positions]" for name in tables]
@@ -431,7 +439,7 @@ def example_inputs(layout: KVLayout, *, batch: int, tokens: int, past: int, devi
     positions = (torch.arange(tokens, device=device) + past).expand(batch, tokens).contiguous()
     token_mask = torch.ones(batch, tokens, dtype=torch.long, device=device)
     if layout.mode == "prefill":
-        return (ids, positions, token_mask)
+        return (ids, positions, token_mask) if "token_mask" in layout.inputs else (ids, positions)
     if layout.cache_update == "inplace":  # the buffer also holds the new tokens' slots
         cache = torch.zeros(layout.cache_shape(batch, past + tokens), dtype=layout.dtype, device=device)
         cache_mask = torch.zeros(batch, past + tokens, dtype=torch.long, device=device)
@@ -446,7 +454,7 @@ def dynamic_shapes(layout: KVLayout):
     batch = torch.export.Dim("batch", min=1, max=4096)
     tokens = torch.export.Dim("tokens", min=1, max=layout.max_positions)
     if layout.mode == "prefill":
-        return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: batch, 1: tokens})
+        return tuple({0: batch, 1: tokens} for _ in layout.inputs)
     past = torch.export.Dim("past", min=1, max=layout.max_positions - 1)
     if layout.cache_update == "inplace":
         length = torch.export.Dim("cache_length", min=2, max=layout.max_positions)
@@ -489,7 +497,7 @@ def reference_pairs(before: ModelGraph, after: ModelGraph) -> list[tuple[torch.T
         pos = torch.arange(n).expand(b, n)
         ones = torch.ones(b, n, dtype=torch.long)
         if layout.mode == "prefill":
-            logits, _ = after.gm(ids, pos, ones)
+            logits, _ = after.gm(ids, pos, ones) if "token_mask" in layout.inputs else after.gm(ids, pos)
             ref = full[:, -1:] if layout.logits == "last" else full
             return [(ref, logits)]
         split = max(n // 2, 1)

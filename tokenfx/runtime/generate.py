@@ -50,27 +50,30 @@ class Generator:
         self._source = _resolve(model)  # an nn.Module or a ModelGraph
         self._graphs: dict = {}
         self.config = getattr(self._source, "config", None)
+        # the graphs a Generator runs: prompt with padding, prompt without (SDPA is_causal), one step
+        specs = {"prefill": ("prefill", "output", True), "prefill_dense": ("prefill", "output", False),
+                 "decode": ("decode", "inplace", True)}
         warm = None
         if self.compile and isinstance(self._source, torch.nn.Module):
             from tokenfx.runtime import executor
 
             # a model compiled before (same weights, config, tokenfx and torch): skip capture and passes
             self._warm_key = executor.module_key(self._source, f"generator:{max_positions}")
-            warm = executor.load_compiled_set(self._warm_key, ("prefill", "decode"))
+            warm = executor.load_compiled_set(self._warm_key, tuple(specs))
         if warm is not None:
-            (self._prefill, self._decode), meta = warm
+            (self._prefill, self._prefill_dense, self._decode), meta = warm
             self.layout = _layout_from_json(meta["layout"])
         else:
-            self.layout = self.decode_graph.kv
-            self._prefill, self._decode = self.prefill_graph.gm, self.decode_graph.gm
+            graphs = {label: self.graph(*spec) for label, spec in specs.items()}
+            self.layout = graphs["decode"].kv
+            run = {label: g.gm for label, g in graphs.items()}
             if self.compile:
                 from tokenfx.runtime import executor
 
-                self._prefill = executor.compiled(self.prefill_graph, "prefill")
-                self._decode = executor.compiled(self.decode_graph, "decode")
+                run = {label: executor.compiled(g, label) for label, g in graphs.items()}
                 if isinstance(self._source, torch.nn.Module):
-                    executor.remember_compiled_set(self._warm_key, {"prefill": self.prefill_graph, "decode": self.decode_graph},
-                                                   {"layout": _layout_to_json(self.layout)})
+                    executor.remember_compiled_set(self._warm_key, graphs, {"layout": _layout_to_json(self.layout)})
+            self._prefill, self._prefill_dense, self._decode = run["prefill"], run["prefill_dense"], run["decode"]
         self.vocab_size = int(getattr(self.config, "vocab_size", 0) or 0)
         self.eos_ids, self.pad_id = _special_tokens(self.config)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
@@ -87,9 +90,9 @@ class Generator:
         """The decode graph the Generator runs: it writes new K/V into the cache itself."""
         return self.graph("decode", cache_update="inplace")
 
-    def graph(self, mode: str, cache_update: str = "output") -> ModelGraph:
+    def graph(self, mode: str, cache_update: str = "output", padded: bool = True) -> ModelGraph:
         """A ``kv_cache`` graph of this model (``cache_update="output"`` is the portable one, for ONNX)."""
-        key = (mode, cache_update if mode == "decode" else "output")
+        key = (mode, cache_update if mode == "decode" else "output", padded or mode == "decode")
         if key not in self._graphs:
             from tokenfx.passes.base import optimize
             from tokenfx.passes.kv_cache import KVCache
@@ -99,7 +102,7 @@ class Generator:
             graph = self._graphs["full"]
             try:
                 self._graphs[key] = optimize(graph, [KVCache(mode=mode, logits="last", max_positions=self._max_positions,
-                                                             cache_update=key[1])])
+                                                             cache_update=key[1], padded=key[2])])
             except MappingError as exc:
                 raise GenerationError(f"cannot generate with {graph.family}: {exc}") from exc
         return self._graphs[key]
@@ -222,7 +225,8 @@ class Generator:
                     if use > 0:
                         cache[:, :, row, :, pads[row]:start].copy_(kv[:, :, :, :use])
         if start == 0:
-            logits, new_kv = self._prefill(ids, positions, mask)
+            unpadded = bool(mask.all())
+            logits, new_kv = self._prefill_dense(ids, positions) if unpadded else self._prefill(ids, positions, mask)
             cache[:, :, :, :, :prompt].copy_(new_kv)
             return logits, 0
         cache_mask[:, start:].zero_()  # the suffix is the graph's "new" part until it is written
