@@ -48,7 +48,6 @@ if _FRESH_INDUCTOR_CACHE:  # before torch is imported: Inductor reads it once
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -59,6 +58,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 import tokenfx  # noqa: E402
+from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
 
 MODEL_CONFIG = dict(
     hidden_size=512,
@@ -94,31 +94,6 @@ def make_inputs(batch: int, tokens: int, vocab: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(batch * 100_003 + tokens)
     input_ids = torch.randint(0, vocab, (batch, tokens), generator=generator)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-
-
-def machine_info() -> dict:
-    model_name = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "processor": platform.processor(),
-        "cpu_model": model_name,
-        "machine": platform.machine(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "cuda_available": torch.cuda.is_available(),
-    }
 
 
 def timed(fn, inputs) -> tuple[float, torch.Tensor]:

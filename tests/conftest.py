@@ -7,3 +7,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # tests/models.py (tiny model factories) is imported as ``models`` from every test folder
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on this shared 2-core machine oversubscribing made the
+    generation tests ~10x slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

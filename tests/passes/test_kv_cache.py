@@ -34,13 +34,7 @@ INPUTS = {"decode": ["tokens", "positions", "kv_cache", "cache_mask", "token_mas
           "prefill": ["tokens", "positions", "token_mask"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the test machine is shared: one intra-op thread is ~10x faster than oversubscribing
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,13 +29,7 @@ NEW = 12  # max_new_tokens of the HF comparisons
 PROMPTS = 52  # 52 prompts at batch 1, the same 52 as 13 left-padded batches of 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the test machine is shared: one intra-op thread is ~10x faster than oversubscribing
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- models ----------------------------------------------------------------------------------------
