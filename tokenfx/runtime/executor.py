@@ -57,6 +57,9 @@ def compiled(graph: ModelGraph, label: str, *, progress: bool = True):
 
 
 def _load(path: Path):
+    # the package calls tokenfx ops by schema: register them even when no graph was built here
+    from tokenfx.codegen import add_norm, kv_write  # noqa: F401
+
     runner = torch._inductor.aoti_load_package(str(path))
 
     def call(*args):
