@@ -70,7 +70,7 @@ def run_decoder_demo(out_dir: Path, console, *, compile: bool = True, new_tokens
         gen = Generator(model, compile=compile, prefix_cache_bytes=256 << 20)
     build_s = time.perf_counter() - start
     layout = gen.layout
-    console.print(f"{layout.layers} layers · cache [layers, 2, batch, {layout.kv_heads} kv heads, length, {layout.head_dim}] · "
+    console.print(f"{layout.layers} layers · cache \\[layers, 2, batch, {layout.kv_heads} kv heads, length, {layout.head_dim}] · "
                   f"{layout.max_positions} positions · built in {build_s:.1f} s")
 
     console.print(f"\n[bold]2. greedy[/bold] — batch of 4 held-out prompts (left-padded), {new_tokens} new tokens")
