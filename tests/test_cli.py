@@ -163,3 +163,17 @@ def test_generate_bad_input_is_one_line_exit_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)
     assert code == 2
     assert message in err and "Traceback" not in err
+
+
+def test_rewrite_kv_cache_from_a_model_captured_with_its_attention_mask(capsys, tmp_path):
+    """tokenfx.load captures HF models with input_ids + attention_mask: kv_cache drops the mask
+    input (its sizes come from the token ids) and the decode graph exports with --verify."""
+    out_file = tmp_path / "decode.onnx"
+    code, out, err = run(capsys, "rewrite", "factories:tiny_llama", "--passes", "kv_cache(mode=decode)", "-o", str(out_file),
+                         "--verify", "--json")
+    assert code == 0, err
+    report = json.loads(out)["passes"][0]
+    assert report["max_abs_error"] <= report["tolerance"]
+    import onnx
+
+    assert [i.name for i in onnx.load(out_file).graph.input] == ["tokens", "positions", "kv_cache", "cache_mask", "token_mask"]

@@ -195,7 +195,16 @@ class KVCache(Pass):
                 last = g.call_function(aten.slice.Tensor, (x, 1, -1, None))
             head.replace_input_with(x, last)
         g.eliminate_dead_code()
+        batch_sym, tokens_sym = A.shape(ids)
         for p in placeholders:
+            for user in list(p.users):  # another input's size (an attention mask's batch / length) → the tokens'
+                if user.target is aten.sym_size.int and p is not ids:
+                    size = A.val(user)
+                    dim = 0 if str(size) == str(batch_sym) else 1 if str(size) == str(tokens_sym) else None
+                    if dim is not None:
+                        with g.inserting_before(user):
+                            user.replace_all_uses_with(g.call_function(aten.sym_size.int, (new_ids, dim)))
+                        g.erase_node(user)
             if p.users:
                 used = ", ".join(sorted(u.name for u in p.users))
                 raise MappingError(f"kv_cache: the model input {p.name!r} is still needed (by {used}); "
@@ -256,7 +265,7 @@ def _check_masks(gm: torch.fx.GraphModule, attentions, ids: Node) -> None:
     if not masks:
         return
     n = 9
-    values = _evaluate(gm, list(masks), {ids: torch.zeros(1, n, dtype=torch.long)})
+    values = _evaluate(gm, list(masks), _shape_inputs(gm, ids, torch.zeros(1, n, dtype=torch.long)))
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     for (block, att) in attentions:
         if att.mask is None:
@@ -268,6 +277,22 @@ def _check_masks(gm: torch.fx.GraphModule, attentions, ids: Node) -> None:
         if allowed is None or not torch.equal(allowed.reshape(-1, n, n)[0], causal):
             raise MappingError(f"kv_cache: block {block.name} uses an attention mask that is not a plain causal mask "
                                "(ALiBi, sliding window or a learned bias); not supported")
+
+
+def _shape_inputs(gm: torch.fx.GraphModule, ids: Node, dummy_ids: torch.Tensor) -> dict[Node, torch.Tensor]:
+    """Inputs for evaluating content-independent parts: ``dummy_ids`` for the token ids, and for
+    any other input (an attention mask) ones of the same batch / token size."""
+    inputs = {ids: dummy_ids}
+    batch, tokens = dummy_ids.shape
+    for p in gm.graph.nodes:
+        v = A.val(p)
+        if p.op != "placeholder" or p is ids or not isinstance(v, torch.Tensor):
+            continue
+        ref = A.shape(ids) if A.shape(ids) is not None else ()
+        size = [batch if i == 0 else tokens if (len(ref) > 1 and str(d) == str(ref[1])) else int(d)
+                for i, d in enumerate(v.shape)]
+        inputs[p] = torch.ones(size, dtype=v.dtype, device=dummy_ids.device)
+    return inputs
 
 
 def _evaluate(gm: torch.fx.GraphModule, targets: list[Node], inputs: dict[Node, torch.Tensor]) -> dict[Node, torch.Tensor]:
@@ -396,7 +421,7 @@ def _position_tables(gm, ids: Node, positions: Node, ids_shape, example_ids: tor
     if not frontier:
         return []
     dummy = torch.zeros(1, max_positions, dtype=example_ids.dtype, device=example_ids.device)
-    values = _evaluate(gm, frontier, {ids: dummy})
+    values = _evaluate(gm, frontier, _shape_inputs(gm, ids, dummy))
     names = []
     for i, node in enumerate(frontier):
         shape = A.shape(node)
