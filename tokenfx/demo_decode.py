@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 import sysconfig
 import time
 from pathlib import Path
@@ -38,20 +37,12 @@ def held_out_code(min_chars: int = 20000) -> list[str]:
     raise FileNotFoundError("the held-out standard-library files of tokenfx:tiny-code's split are not on this machine")
 
 
-def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run_decoder_demo(out_dir: Path, console, *, compile: bool = True, new_tokens: int = 64) -> dict:
     from rich.table import Table
     from transformers import AutoTokenizer
 
     import tokenfx.assets
+    from tokenfx.demo import _interleaved_median_ms
     from tokenfx.frontends.load import load_hf_model
     from tokenfx.frontends.onnx import export_onnx, run_onnxruntime
     from tokenfx.passes.kv_cache import example_inputs
@@ -87,7 +78,8 @@ def run_decoder_demo(out_dir: Path, console, *, compile: bool = True, new_tokens
 
         ref, out = hf(), ours()
         identical = torch.equal(ref, out)
-        hf_s, fx_s = _median_s(hf, 3), _median_s(ours, 3)
+        ms = _interleaved_median_ms({"hf": hf, "fx": ours}, repeats=3)  # in turns: background load hits both alike
+        hf_s, fx_s = ms["hf"] / 1000, ms["fx"] / 1000
     produced = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     table = Table(show_edge=False, header_style="bold")
     for col in ("", "tokens/s", "vs HF"):

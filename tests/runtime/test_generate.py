@@ -536,7 +536,7 @@ def test_unknown_bundled_model():
 
 def test_encoder_is_refused():
     model = bert()
-    with pytest.raises(GenerationError):
+    with pytest.raises(GenerationError, match="not causal"):
         Generator(model)
-    with pytest.raises(GenerationError):
+    with pytest.raises(GenerationError, match="not causal"):
         tokenfx.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=1)

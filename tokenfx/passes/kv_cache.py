@@ -526,19 +526,17 @@ def reference_pairs(before: ModelGraph, after: ModelGraph) -> list[tuple[torch.T
             ref = full[:, -1:] if layout.logits == "last" else full
             return [(ref, logits)]
         split = max(n // 2, 1)
-        if layout.cache_update == "inplace":
+        if layout.cache_update == "inplace":  # one buffer, the graph writes each chunk's K/V at its slots
             cache = torch.zeros(layout.cache_shape(b, n), dtype=layout.dtype)
             cache_mask = torch.zeros(b, n, dtype=torch.long)
             first, _ = after.gm(ids[:, :split], pos[:, :split], cache, cache_mask, ones[:, :split], torch.arange(split))
             cache_mask[:, :split] = 1
             second, _ = after.gm(ids[:, split:].contiguous(), pos[:, split:].contiguous(), cache, cache_mask,
                                  ones[:, split:], torch.arange(split, n))
-            if layout.logits == "last":
-                return [(full[:, split - 1:split], first), (full[:, -1:], second)]
-            return [(full[:, :split], first), (full[:, split:], second)]
-        empty = torch.zeros(layout.cache_shape(b, 0), dtype=layout.dtype)
-        first, kv = after.gm(ids[:, :split], pos[:, :split], empty, ones[:, :0], ones[:, :split])
-        second, _ = after.gm(ids[:, split:], pos[:, split:], kv, ones[:, :split], ones[:, split:])
+        else:  # the first chunk's new_kv is the second chunk's cache
+            empty = torch.zeros(layout.cache_shape(b, 0), dtype=layout.dtype)
+            first, kv = after.gm(ids[:, :split], pos[:, :split], empty, ones[:, :0], ones[:, :split])
+            second, _ = after.gm(ids[:, split:], pos[:, split:], kv, ones[:, :split], ones[:, split:])
         if layout.logits == "last":
             return [(full[:, split - 1:split], first), (full[:, -1:], second)]
         return [(full[:, :split], first), (full[:, split:], second)]

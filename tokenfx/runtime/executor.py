@@ -29,13 +29,20 @@ def cache_dir() -> Path:
 
 def graph_key(graph: ModelGraph, label: str) -> str:
     """Content hash of everything the compiled artifact depends on."""
+    parts = (label, torch.__version__, graph.gm.code, repr(graph.dynamic_shapes),
+             repr([(tuple(a.shape), a.dtype, a.device.type) for a in graph.example_args]))
+    return _content_hash(parts, sorted(list(graph.gm.named_parameters()) + list(graph.gm.named_buffers()),
+                                       key=lambda kv: kv[0]))
+
+
+def _content_hash(parts, named_tensors) -> str:
+    """sha256 over ``parts`` and the names, shapes, dtypes, devices and bytes of ``named_tensors``."""
     h = hashlib.sha256()
-    for part in (label, torch.__version__, graph.gm.code, repr(graph.dynamic_shapes),
-                 repr([(tuple(a.shape), a.dtype, a.device.type) for a in graph.example_args])):
+    for part in parts:
         h.update(str(part).encode())
-    for name, value in sorted(list(graph.gm.named_parameters()) + list(graph.gm.named_buffers()), key=lambda kv: kv[0]):
+    for name, value in named_tensors:
         h.update(name.encode())
-        h.update(str((tuple(value.shape), value.dtype)).encode())
+        h.update(str((tuple(value.shape), value.dtype, value.device.type)).encode())
         h.update(value.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
 
@@ -66,6 +73,7 @@ def _load(path: Path):
         # the package was compiled for contiguous inputs and reads them by those strides
         return runner(*(a if not isinstance(a, torch.Tensor) or a.is_contiguous() else a.contiguous() for a in args))
 
+    call.package = path
     return call
 
 
@@ -91,16 +99,10 @@ class _status:
 # -- whole sets of graphs for one model (a Generator's prefill + decode) ----------------------------------
 def module_key(module: torch.nn.Module, label: str) -> str:
     """Content hash of a model and of the tokenfx / torch code that would turn it into graphs."""
-    h = hashlib.sha256()
     config = getattr(module, "config", None)
-    for part in (label, type(module).__qualname__, torch.__version__, _package_digest(),
-                 config.to_json_string() if hasattr(config, "to_json_string") else repr(config)):
-        h.update(str(part).encode())
-    for name, value in list(module.named_parameters()) + list(module.named_buffers()):
-        h.update(name.encode())
-        h.update(str((tuple(value.shape), value.dtype, value.device.type)).encode())
-        h.update(value.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:24]
+    parts = (label, type(module).__qualname__, torch.__version__, _package_digest(),
+             config.to_json_string() if hasattr(config, "to_json_string") else repr(config))
+    return _content_hash(parts, list(module.named_parameters()) + list(module.named_buffers()))
 
 
 def _package_digest() -> str:
@@ -111,12 +113,12 @@ def _package_digest() -> str:
     return h.hexdigest()
 
 
-def remember_compiled_set(key: str, graphs: dict, meta: dict) -> None:
-    """Record which packages a model's graphs compiled to, so the next process can skip building them."""
+def remember_compiled_set(key: str, runners: dict, meta: dict) -> None:
+    """Record which packages a model's graphs compiled to (``runners`` from :func:`compiled`), so
+    the next process can skip building them."""
     import json
 
-    entry = {"packages": {label: str(cache_dir() / "aoti" / f"{label}-{graph_key(g, label)}.pt2") for label, g in graphs.items()},
-             "meta": meta}
+    entry = {"packages": {label: str(run.package) for label, run in runners.items()}, "meta": meta}
     index = cache_dir() / "sets" / f"{key}.json"
     index.parent.mkdir(parents=True, exist_ok=True)
     tmp = index.with_suffix(".tmp")

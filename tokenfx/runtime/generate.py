@@ -72,7 +72,7 @@ class Generator:
 
                 run = {label: executor.compiled(g, label) for label, g in graphs.items()}
                 if isinstance(self._source, torch.nn.Module):
-                    executor.remember_compiled_set(self._warm_key, graphs, {"layout": _layout_to_json(self.layout)})
+                    executor.remember_compiled_set(self._warm_key, run, {"layout": _layout_to_json(self.layout)})
             self._prefill, self._prefill_dense, self._decode = run["prefill"], run["prefill_dense"], run["decode"]
         self.vocab_size = int(getattr(self.config, "vocab_size", 0) or 0)
         self.eos_ids, self.pad_id = _special_tokens(self.config)
@@ -281,19 +281,14 @@ def _special_tokens(config) -> tuple[list[int], int | None]:
 
 # -- models -------------------------------------------------------------------------------------------
 def _resolve(model):
-    """``model`` as an nn.Module or a ModelGraph (specs are loaded), checked to be a decoder."""
-    from tokenfx.frontends import hf
-
+    """``model`` as an nn.Module or a ModelGraph (specs are loaded)."""
     if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
         model = _load_decoder(str(model))
     if isinstance(model, ModelGraph):
         return model
     if not isinstance(model, torch.nn.Module):
         raise GenerationError(f"cannot generate with a {type(model).__name__}: pass a causal LM, a ModelGraph or a model spec")
-    if hf.is_hf_model(model) and not _is_causal_lm(model):
-        raise GenerationError(f"{type(model).__name__} is not a causal language model (no LM head); "
-                              "tokenfx.generate needs a decoder such as LlamaForCausalLM")
-    return model
+    return model  # whether it is a causal LM is the ModelMap's call (kv_cache refuses encoders / no LM head)
 
 
 def _layout_to_json(layout) -> dict:
@@ -325,11 +320,6 @@ def decoder_graph(model) -> ModelGraph:
     return capture(model, (ids.to(device),))
 
 
-def _is_causal_lm(model) -> bool:
-    name = type(model).__name__
-    return name.endswith(("ForCausalLM", "LMHeadModel")) or bool(getattr(model.config, "is_decoder", False))
-
-
 def _model_dir(spec: str):
     """The directory behind ``tokenfx:<name>`` or an HF directory spec, else None."""
     from pathlib import Path
@@ -337,10 +327,7 @@ def _model_dir(spec: str):
     if spec.startswith("tokenfx:"):
         from tokenfx import assets
 
-        name = spec.split(":", 1)[1]
-        if name not in assets.names():
-            raise ModelLoadError(f"unknown bundled model {spec!r}; bundled: {', '.join('tokenfx:' + n for n in assets.names())}")
-        return Path(assets.path(name))
+        return Path(assets.path(spec.split(":", 1)[1]))  # unknown names: ModelLoadError listing the bundled ones
     path = Path(spec)
     return path if path.is_dir() else None
 
