@@ -156,7 +156,7 @@ class Generator:
             cache_mask[:, slot] = 1
             position += 1
         total = prompt + steps
-        self._remember(out[:, :total], mask, cache, prompt, unfinished)
+        self._remember(out[:, :total], mask, cache, prompt)
         seconds = time.perf_counter() - start
         self.last_stats = {"prompt_tokens": prompt, "new_tokens": steps, "batch": batch, "reused_tokens": reused,
                            "seconds": seconds, "first_token_seconds": first_token_s,
@@ -235,7 +235,7 @@ class Generator:
         cache_mask[:, start:prompt] = mask[:, start:]
         return logits, start
 
-    def _remember(self, tokens, mask, cache, prompt, unfinished) -> None:
+    def _remember(self, tokens, mask, cache, prompt) -> None:
         """Put each row's prompt + generated K/V into the prefix cache (the last token has none yet)."""
         if self.prefix_cache is None:
             return
