@@ -35,6 +35,16 @@ def kernel_specialisations(gm: torch.fx.GraphModule) -> dict[str, tuple[str, dic
             flags = ("w" if weight is not None else "") + ("b" if bias is not None else "")
             name = f"add_norm_{kind}_C{kwargs['C']}_{dtype}{'_' + flags if flags else ''}_eps{eps:g}.py"
             out[name] = (spec.triton_module, kwargs)
+        elif spec.name == "tree_attention":
+            q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+            dtype = str(q.dtype).replace("torch.", "")
+            tokens = q.shape[2]
+            tree_size = int(tokens) if isinstance(tokens, int) else None  # a symbolic T gets the default blocks
+            kwargs = dict(head_dim=int(q.shape[-1]), dtype=dtype, group=int(q.shape[1]) // int(k.shape[1]),
+                          tree_size=tree_size)
+            tree = f"_T{tree_size}" if tree_size is not None else ""
+            name = f"tree_attention_D{kwargs['head_dim']}_G{kwargs['group']}{tree}_{dtype}.py"
+            out[name] = (spec.triton_module, kwargs)
     return out
 
 

@@ -28,13 +28,19 @@ def _ops(*names: str) -> frozenset:
     return frozenset(found)
 
 
+def _tree_attention_op():
+    from tokenfx.codegen import tree_attention  # noqa: F401  (registers tokenfx::tree_attention)
+
+    return torch.ops.tokenfx.tree_attention.default
+
+
 SDPA = _ops(
     "scaled_dot_product_attention",
     "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention",
-)
+) | frozenset({_tree_attention_op()})
 SOFTMAX = _ops("softmax.int", "_softmax", "_safe_softmax")
 MATMUL = _ops("matmul", "bmm", "baddbmm")
 LINEAR = _ops("linear", "addmm", "mm")
@@ -117,9 +123,10 @@ def sdpa_args(node: torch.fx.Node) -> dict:
             bound[arg.name] = node.args[i]
         elif arg.name in node.kwargs:
             bound[arg.name] = node.kwargs[arg.name]
-    mask = bound.get("attn_mask", bound.get("attn_bias"))
+    mask = bound.get("attn_mask", bound.get("attn_bias", bound.get("tree_mask")))
+    tree = "tree_mask" in bound  # tokenfx::tree_attention: a decoder's tokens over the cache and their ancestors
     return {"q": bound["query"], "k": bound["key"], "v": bound["value"], "mask": mask,
-            "is_causal": bool(bound.get("is_causal", False))}
+            "is_causal": tree or bool(bound.get("is_causal", False)), "scale": bound.get("scale")}
 
 
 def linear_input_weight(node: torch.fx.Node):

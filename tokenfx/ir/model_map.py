@@ -491,7 +491,7 @@ def _leading_product(s):
 
 def _output_projection(core: Node) -> Node | None:
     cur = core
-    if core.target in A.SDPA and core.target is not A.aten.scaled_dot_product_attention.default:
+    if core.target in A.SDPA and isinstance(A.val(core), (tuple, list)):  # fused variants: (out, logsumexp, ...)
         cur = next((u for u in core.users if u.args[1] == 0), core)
     for _ in range(12):
         users = list(cur.users)

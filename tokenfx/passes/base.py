@@ -66,7 +66,7 @@ class Pass:
 
 # -- registry ---------------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Pass]] = {}
-_PASS_MODULES = ("tokenfx.passes.fuse_norm", "tokenfx.passes.kv_cache")
+_PASS_MODULES = ("tokenfx.passes.fuse_norm", "tokenfx.passes.kv_cache", "tokenfx.passes.tree_verify")
 
 
 def register(cls: type[Pass]) -> type[Pass]:

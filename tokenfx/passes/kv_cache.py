@@ -463,6 +463,8 @@ def example_inputs(layout: KVLayout, *, batch: int, tokens: int, past: int, devi
     ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(device)
     positions = (torch.arange(tokens, device=device) + past).expand(batch, tokens).contiguous()
     token_mask = torch.ones(batch, tokens, dtype=torch.long, device=device)
+    if "tree_mask" in layout.inputs:  # tree_verify's graph: a chain (causal) tree
+        token_mask = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril().expand(batch, -1, -1).contiguous()
     if layout.mode == "prefill":
         return (ids, positions, token_mask) if "token_mask" in layout.inputs else (ids, positions)
     if layout.cache_update == "inplace":  # the buffer also holds the new tokens' slots
@@ -481,11 +483,12 @@ def dynamic_shapes(layout: KVLayout):
     if layout.mode == "prefill":
         return tuple({0: batch, 1: tokens} for _ in layout.inputs)
     past = torch.export.Dim("past", min=1, max=layout.max_positions - 1)
+    mask = {0: batch, 1: tokens, 2: tokens} if "tree_mask" in layout.inputs else {0: batch, 1: tokens}
     if layout.cache_update == "inplace":
         length = torch.export.Dim("cache_length", min=2, max=layout.max_positions)
-        return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {2: batch, 4: length}, {0: batch, 1: length},
-                {0: batch, 1: tokens}, {0: tokens})
-    return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {2: batch, 4: past}, {0: batch, 1: past}, {0: batch, 1: tokens})
+        return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {2: batch, 4: length}, {0: batch, 1: length}, mask,
+                {0: tokens})
+    return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {2: batch, 4: past}, {0: batch, 1: past}, mask)
 
 
 def _reexport(gm, graph: ModelGraph, layout: KVLayout, example_ids: torch.Tensor) -> ModelGraph:
