@@ -17,7 +17,9 @@ slot that is also in the prefix would be counted twice here, once in the referen
 accumulation (IEEE fp32 products for fp32 inputs, no TF32), softmax in fp32 with ``exp2``,
 output cast to ``q.dtype``: the result matches
 :func:`tokenfx.codegen.tree_attention.tree_attention_reference` within the rounding of the
-input dtype (``p`` is rounded to it before ``p·v``, as in flash attention).
+input dtype (``p`` is rounded to it before ``p·v``, as in flash attention). Under
+``TRITON_INTERPRET=1`` bf16 blocks are upcast to fp32 before ``tl.dot``: the interpreter's
+dot multiplies bf16 operands as raw bits (``DOT_IN_FP32``).
 
 :func:`tree_attention_triton` launches it on any shape; :func:`emit_source` writes the same
 kernel and launcher as a standalone file specialised to one head dim, dtype, GQA group and
@@ -59,7 +61,8 @@ def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale):
 
 @triton.jit
 def tree_attention_kernel(
-    Q, K, V, KEY_MASK, TREE_MASK, SLOTS, OUT,  # KEY_MASK [B, S], TREE_MASK [B, T, T] u8, SLOTS [T], OUT [B, H, T, D]: contiguous
+    Q, K, V,  # [B, H, T, D], [B, Hkv, S, D] x2: any strides
+    KEY_MASK, TREE_MASK, SLOTS, OUT,  # [B, S], [B, T, T] uint8, [T], [B, H, T, D]: contiguous
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -144,7 +147,7 @@ def _launch(q, k, v, key_mask, tree_mask, slots, scale, *, group, block_t, block
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    # Masks as bytes (Triton loads torch.bool as i1 pointers poorly); both are tiny.
+    # Masks are read as bytes: a bool tensor's storage viewed as uint8 (no copy); both are tiny.
     key_mask = (key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask).contiguous()
     tree_mask = (tree_mask if tree_mask.dtype == torch.bool else tree_mask != 0).contiguous().view(torch.uint8)
     slots = slots.contiguous()
