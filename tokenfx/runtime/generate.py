@@ -76,6 +76,7 @@ class Generator:
             self._prefill, self._prefill_dense, self._decode = run["prefill"], run["prefill_dense"], run["decode"]
         self.vocab_size = int(getattr(self.config, "vocab_size", 0) or 0)
         self.eos_ids, self.pad_id = _special_tokens(self.config)
+        self._runners = {"prefill": self._prefill, "prefill_dense": self._prefill_dense, "decode": self._decode}
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self._buffers: dict = {}
         self.last_stats: dict = {}
@@ -90,9 +91,9 @@ class Generator:
         """The decode graph the Generator runs: it writes new K/V into the cache itself."""
         return self.graph("decode", cache_update="inplace")
 
-    def graph(self, mode: str, cache_update: str = "output", padded: bool = True) -> ModelGraph:
+    def graph(self, mode: str, cache_update: str = "output", padded: bool = True, logits: str = "last") -> ModelGraph:
         """A ``kv_cache`` graph of this model (``cache_update="output"`` is the portable one, for ONNX)."""
-        key = (mode, cache_update if mode == "decode" else "output", padded or mode == "decode")
+        key = (mode, cache_update if mode == "decode" else "output", padded or mode == "decode", logits)
         if key not in self._graphs:
             from tokenfx.passes.base import optimize
             from tokenfx.passes.kv_cache import KVCache
@@ -101,26 +102,80 @@ class Generator:
                 self._graphs["full"] = decoder_graph(self._source)
             graph = self._graphs["full"]
             try:
-                self._graphs[key] = optimize(graph, [KVCache(mode=mode, logits="last", max_positions=self._max_positions,
+                self._graphs[key] = optimize(graph, [KVCache(mode=mode, logits=logits, max_positions=self._max_positions,
                                                              cache_update=key[1], padded=key[2])])
             except MappingError as exc:
                 raise GenerationError(f"cannot generate with {graph.family}: {exc}") from exc
         return self._graphs[key]
 
+    @property
+    def tree_graph(self) -> ModelGraph:
+        """The decode graph rewritten by ``tree_verify``: verifies a draft tree per row in one call."""
+        if "tree" not in self._graphs:
+            from tokenfx.passes.base import optimize
+            from tokenfx.passes.tree_verify import TreeVerify
+
+            decode = self.graph("decode", cache_update="inplace", logits="all")
+            self._graphs["tree"] = optimize(decode, [TreeVerify()])
+        return self._graphs["tree"]
+
+    def runner(self, label: str):
+        """The callable for one of this Generator's graphs: ``prefill``, ``prefill_dense``, ``decode``
+        or ``tree`` (built, and compiled when ``compile=True``, on first use)."""
+        if label not in self._runners:
+            if label != "tree":
+                raise GenerationError(f"no graph {label!r}; choose prefill, prefill_dense, decode or tree")
+            warm_key = None
+            if self.compile and isinstance(self._source, torch.nn.Module):
+                from tokenfx.runtime import executor
+
+                warm_key = executor.module_key(self._source, f"generator-tree:{self._max_positions}")
+                warm = executor.load_compiled_set(warm_key, ("tree",))
+                if warm is not None:
+                    self._runners["tree"] = warm[0][0]
+                    return self._runners["tree"]
+            graph = self.tree_graph
+            if self.compile:
+                from tokenfx.runtime import executor
+
+                run = executor.compiled(graph, "tree")
+                if warm_key is not None:
+                    executor.remember_compiled_set(warm_key, {"tree": run}, {})
+            else:
+                run = graph.gm
+            self._runners["tree"] = run
+        return self._runners[label]
+
     # -- public -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, input_ids, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stop=None,
-                 stream: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                 stream: Callable[[torch.Tensor], None] | None = None, speculate=None, tree=None,
+                 tree_budget=None) -> torch.Tensor:
         """``input_ids [B, P]`` (left-padded with ``attention_mask``) → ``[B, P + new]``.
 
         ``stop``: token id(s) that end a row (default: the model's EOS); ``stream(tokens[B])`` is
         called with each step's tokens. Greedy when ``temperature == 0``.
+
+        ``speculate``: a drafter (``"recycling"``, ``"lookup"``, ``"draft[:MODEL]"``,
+        ``"draft-tree[:MODEL]"``, ``"dynamic[:MODEL]"`` or a :class:`Drafter`); each step then
+        verifies a draft tree in one call of the ``tree_verify`` graph, and the output is the
+        same as without it (token-identical when greedy, the same distribution when sampling).
+        ``stream`` then gets one call per emitted column, ``-1`` for rows without a token there.
+        ``tree``: a :class:`Tree` template (recycling); ``tree_budget``: the most nodes per tree,
+        ``"auto"`` (default) sized from this machine's measured verify cost.
         """
         ids, mask = self._check_inputs(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
         batch, prompt = ids.shape
         stop_ids = self.eos_ids if stop is None else _as_ids(stop)
         pad = self.pad_id if self.pad_id is not None else (stop_ids[0] if stop_ids else 0)
+        if speculate is not None:
+            from tokenfx.runtime.speculative.decode import speculative_generate
+
+            drafter = self.drafter(speculate, tree=tree)
+            return speculative_generate(self, drafter, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids, pad=pad, stream=stream,
+                                        tree_budget=tree_budget)
         generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
         sample = temperature > 0
 
@@ -162,6 +217,18 @@ class Generator:
                            "seconds": seconds, "first_token_seconds": first_token_s,
                            "decode_tokens_per_s": (steps - 1) * batch / max(seconds - first_token_s, 1e-9) if steps > 1 else 0.0}
         return out[:, :total].clone()
+
+    def drafter(self, speculate, tree=None):
+        """The Drafter for ``speculate`` (kept per spec, so Token Recycling's matrix stays hot)."""
+        from tokenfx.runtime.speculative.drafters import make_drafter
+
+        if not isinstance(speculate, str):
+            return make_drafter(speculate)
+        key = (speculate, id(tree))
+        drafters = self.__dict__.setdefault("_drafters", {})
+        if key not in drafters:
+            drafters[key] = make_drafter(speculate, tree=tree, compile=self.compile)
+        return drafters[key]
 
     # -- pieces -------------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p):
@@ -370,13 +437,14 @@ def generator_for(model, **options) -> Generator:
 
 
 def generate(model, input_ids, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0, top_k=None,
-             top_p=None, seed=None, stop=None, speculate=None, stream=None, compile: bool = False) -> torch.Tensor:
+             top_p=None, seed=None, stop=None, speculate=None, tree=None, tree_budget=None, stream=None,
+             compile: bool = False) -> torch.Tensor:
     """Generate with ``model`` (HF causal LM, ModelGraph or model spec); returns ``[B, prompt + new]``.
 
-    The prefill / decode graphs are built on first use and cached for the model.
+    The prefill / decode graphs are built on first use and cached for the model;
+    ``speculate`` / ``tree`` / ``tree_budget`` as in :meth:`Generator.generate`.
     """
-    if speculate is not None:
-        raise GenerationError("speculate= needs the draft-tree runtime, which is not built yet; leave it None")
     gen = generator_for(model, compile=compile)
     return gen.generate(input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, temperature=temperature,
-                        top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream)
+                        top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream, speculate=speculate, tree=tree,
+                        tree_budget=tree_budget)

@@ -158,3 +158,22 @@ def _level_tree(sizes: tuple[int, ...], k: int, decay: float) -> Tree:
         level = [(-s, path) for s, path in chosen]
         paths.extend(path for _, path in level)
     return Tree.from_paths(paths)
+
+
+def batch_closure(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_closure` for a batch of parent arrays ``[B, T]`` (each row its own tree; padding
+    nodes have parent -1 and stay alone): ``depth [B, T]``, ``mask [B, T, T]``."""
+    b, t = parents.shape
+    idx = torch.arange(t, device=parents.device).expand(b, t)
+    mask = torch.eye(t, dtype=torch.bool, device=parents.device).repeat(b, 1, 1)
+    depth = torch.zeros(b, t, dtype=torch.long, device=parents.device)
+    up = parents.clamp(min=0)
+    cur = idx.clone()
+    alive = parents >= 0
+    rows = torch.arange(b, device=parents.device)[:, None].expand(b, t)
+    while bool(alive.any()):
+        cur = torch.where(alive, up.gather(1, cur), cur)
+        mask[rows[alive], idx[alive], cur[alive]] = True
+        depth += alive.long()
+        alive = alive & (parents.gather(1, cur) >= 0)
+    return depth, mask
