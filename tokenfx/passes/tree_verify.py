@@ -113,6 +113,10 @@ class TreeVerify(Pass):
             raise MappingError("tree_verify: token_mask is still used outside attention: "
                                + ", ".join(u.name for u in token_mask.users))
         g.erase_node(token_mask)
+        g.set_codegen(torch.fx.graph.CodeGen())  # the signature changed: plain positional inputs, named as above
+        for attr in ("_in_spec", "_out_spec"):
+            if hasattr(graph.gm, attr):
+                delattr(graph.gm, attr)
         g.lint()
         graph.gm.recompile()
 

@@ -200,7 +200,7 @@ class DraftModel(Drafter):
         parents = torch.where(real & (torch.arange(m, device=device) > 0), torch.arange(-1, m - 1, device=device), -1)
         depth, mask = batch_closure(parents)
         write = int(state.length.max())
-        positions = positions_of(cols, state.start).clamp(max=self.gen.layout.max_positions - 1)
+        positions = positions_of(cols, state.start[:, None]).clamp(max=self.gen.layout.max_positions - 1)
         logits, _ = run(tokens.contiguous(), positions.contiguous(), self.cache, self.cache_mask, mask.contiguous(),
                         self.slots[write:write + m])
         src = write + torch.minimum(torch.arange(m, device=device)[None, :], (pending - 1)[:, None])
@@ -245,12 +245,16 @@ class DraftModel(Drafter):
             p = self._dist(logits, state)
             if q is not None:
                 q[rows, node] = p
-            picks = (_sample_without_replacement(p, per_node, state.generator) if sampling
-                     else torch.topk(p, per_node, dim=-1).indices)
+            if sampling:
+                picks, drawn = _sample_without_replacement(p, per_node, state.generator)
+            else:
+                picks = torch.topk(p, per_node, dim=-1).indices
+                drawn = torch.ones_like(picks, dtype=torch.bool)
             for r in range(per_node):
                 c_parent.append(node)
                 c_token.append(picks[:, r])
-                c_score.append(log_path[rows, node] + p.gather(1, picks[:, r:r + 1]).squeeze(1).clamp(min=1e-30).log())
+                score = log_path[rows, node] + p.gather(1, picks[:, r:r + 1]).squeeze(1).clamp(min=1e-30).log()
+                c_score.append(torch.where(drawn[:, r], score, float("-inf")))
                 c_rank.append(torch.full((b,), r, dtype=torch.long, device=device))
 
         add_candidates(torch.zeros(b, dtype=torch.long, device=device), root_logits)
@@ -271,8 +275,8 @@ class DraftModel(Drafter):
                 break
             want = min(self.wave if self.mode == "dynamic" else int(eligible.sum(1).max()), n_max - count)
             score = torch.where(eligible, pool_score, float("-inf"))
-            top = torch.topk(score, min(want, score.shape[1]), dim=1)
-            pick, ok = top.indices, top.values > float("-inf")
+            pick = torch.topk(score, min(want, score.shape[1]), dim=1).indices.sort(dim=1).values  # pool = draw order
+            ok = score.gather(1, pick) > float("-inf")
             new = torch.arange(count, count + pick.shape[1], device=device)
             r2 = rows[:, None].expand_as(pick)
             tokens[:, new] = torch.stack(c_token, 1).gather(1, pick)
@@ -299,17 +303,20 @@ class DraftModel(Drafter):
                      q[:, :count].contiguous() if q is not None else None)
 
 
-def _sample_without_replacement(p: torch.Tensor, k: int, generator) -> torch.Tensor:
+def _sample_without_replacement(p: torch.Tensor, k: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` distinct draws from each row of ``p``, in draw order (sequential: each from p with the
-    earlier draws removed, renormalised)."""
+    earlier draws removed, renormalised), and whether each draw had mass left (top-k / top-p
+    can leave fewer than ``k`` tokens; later draws are then placeholders to drop)."""
     p = p.clone()
-    out = []
+    out, ok = [], []
     for _ in range(k):
-        x = torch.multinomial(p, 1, generator=generator).squeeze(1)
+        left = p.sum(-1, keepdim=True)
+        ok.append(left.squeeze(1) > 0)
+        x = torch.multinomial(torch.where(left > 0, p, 1.0), 1, generator=generator).squeeze(1)
         out.append(x)
         p.scatter_(1, x[:, None], 0.0)
         p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
-    return torch.stack(out, 1)
+    return torch.stack(out, 1), torch.stack(ok, 1)
 
 
 def make_drafter(spec, *, tree=None, compile: bool | None = None) -> Drafter:

@@ -103,7 +103,7 @@ def sample(tokens, parents, valid, mask, depth, probs, generator=None, q=None) -
                 undecided &= ~accept
                 reject = has & ~accept
                 if bool(reject.any()):
-                    residual = _normalise((p - qd).clamp(min=0))
+                    residual = _residual(p, qd)
                     p = torch.where(reject[:, None], residual, p)
                     qd[rows[reject], x[reject]] = 0.0
                     qd = torch.where(reject[:, None], _normalise(qd), qd)
@@ -115,6 +115,11 @@ def sample(tokens, parents, valid, mask, depth, probs, generator=None, q=None) -
         active = found
     lengths = on_path.sum(1)
     return _verdict(on_path, lengths, bonus)
+
+
+def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The target's distribution given that the draft's proposal was rejected: norm((p − q)+)."""
+    return _normalise((p - q).clamp(min=0))
 
 
 def _normalise(p: torch.Tensor) -> torch.Tensor:
