@@ -193,6 +193,8 @@ def cmd_generate(args) -> int:
 
     def stream(token):
         nonlocal printed
+        if int(token[0]) < 0:  # speculative steps: no token for this row in this column
+            return
         generated.append(int(token[0]))
         text = tokenizer.decode(generated, skip_special_tokens=True)
         if not args.json and text.startswith(printed):
@@ -203,18 +205,44 @@ def cmd_generate(args) -> int:
     if not args.json:
         sys.stdout.write(prompt)
         sys.stdout.flush()
+    speculative = {}
+    if args.speculate is not None:
+        from tokenfx.runtime.speculative.tree import Tree, TreeError
+
+        try:
+            tree = Tree.parse(args.tree) if args.tree else None
+        except TreeError as exc:
+            raise GenerationError(f"--tree: {exc}") from exc
+        budget = args.tree_budget
+        if budget != "auto":
+            try:
+                budget = int(budget)
+            except ValueError:
+                raise GenerationError(f"--tree-budget must be a number of nodes or auto, got {budget!r}") from None
+        speculative = {"speculate": args.speculate, "tree": tree, "tree_budget": budget}
+        with err.status(f"preparing the {args.speculate} drafter and the tree-verify graph"):
+            gen.drafter(args.speculate, tree=tree).prepare(gen)
+    elif args.tree is not None or args.tree_budget != "auto":
+        raise GenerationError("--tree and --tree-budget need --speculate")
     start = time.perf_counter()
     out = gen.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, stream=stream)
+                       top_p=args.top_p, seed=args.seed, stream=stream, **speculative)
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
+    stats = gen.last_stats
     if args.json:
-        print(json.dumps({"text": text, "token_ids": new, "new_tokens": len(new), "seconds": round(seconds, 4),
-                          "tokens_per_s": round(len(new) / seconds, 2) if seconds > 0 else None}))
+        result = {"text": text, "token_ids": new, "new_tokens": len(new), "seconds": round(seconds, 4),
+                  "tokens_per_s": round(len(new) / seconds, 2) if seconds > 0 else None}
+        if speculative:
+            result.update(speculate=args.speculate, steps=stats["steps"],
+                          accepted_per_step=round(stats["accepted_per_step"], 3), tree_nodes=stats["tree_nodes"])
+        print(json.dumps(result))
     else:
         sys.stdout.write(text[len(printed):] + "\n")
-        err.print(f"[dim]{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s)[/dim]")
+        extra = (f", {stats['accepted_per_step']:.2f} tokens per verify step over {stats['steps']} steps"
+                 if speculative else "")
+        err.print(f"[dim]{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s{extra})[/dim]")
     return 0
 
 
@@ -259,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="AOTInductor-compile the graphs (cached on disk)")
+    p.add_argument("--speculate", metavar="DRAFTER",
+                   help="lossless speculative decoding: recycling, lookup, draft[:MODEL], draft-tree[:MODEL], "
+                        "dynamic[:MODEL] (output identical to plain decoding)")
+    p.add_argument("--tree", metavar="TEMPLATE",
+                   help="draft tree for recycling: recycling (80 nodes), chain:K, levels:A,B,..., or a JSON file "
+                        "of rank paths")
+    p.add_argument("--tree-budget", default="auto", metavar="N|auto",
+                   help="most nodes per draft tree; auto (default) sizes it from this machine's measured verify cost")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(func=cmd_generate)
 

@@ -218,6 +218,50 @@ class Generator:
                            "decode_tokens_per_s": (steps - 1) * batch / max(seconds - first_token_s, 1e-9) if steps > 1 else 0.0}
         return out[:, :total].clone()
 
+    def verify_cost(self, batch: int, sizes=(1, 2, 4, 8, 16, 24, 32, 48, 64, 81), context: int = 256) -> dict[int, float]:
+        """Seconds per call of the tree graph for ``T`` tree nodes (median of 5) after ``context``
+        cached tokens, for each ``T`` in ``sizes``: the curve that sizes draft trees to this machine.
+        Measured once per batch size (and kept on disk for compiled graphs)."""
+        import json
+
+        costs = self.__dict__.setdefault("_verify_costs", {})
+        key = (batch, tuple(sizes), context)
+        if key in costs:
+            return costs[key]
+        run = self.runner("tree")
+        path = None
+        if getattr(run, "package", None) is not None:
+            from tokenfx.runtime import executor
+
+            path = executor.cache_dir() / "verify_cost" / f"{run.package.stem}-b{batch}-c{context}.json"
+            if path.exists():
+                data = {int(k): v for k, v in json.loads(path.read_text()).items()}
+                if set(sizes) <= set(data):
+                    costs[key] = {t: data[t] for t in sizes}
+                    return costs[key]
+        size = context + max(sizes)
+        cache = torch.zeros(self.layout.cache_shape(batch, size), dtype=self.layout.dtype)
+        cache_mask = torch.zeros(batch, size, dtype=torch.long)
+        cache_mask[:, :context] = 1
+        slots = torch.arange(size)
+        result = {}
+        with torch.inference_mode():
+            for t in sizes:
+                tokens = torch.zeros(batch, t, dtype=torch.long)
+                positions = (torch.arange(t) + context).expand(batch, t).contiguous()
+                mask = torch.ones(t, t, dtype=torch.bool).tril().expand(batch, t, t).contiguous()
+                times = []
+                for rep in range(6):
+                    start = time.perf_counter()
+                    run(tokens, positions, cache, cache_mask, mask, slots[context:context + t])
+                    times.append(time.perf_counter() - start)
+                result[t] = sorted(times[1:])[2]
+        costs[key] = result
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result))
+        return result
+
     def drafter(self, speculate, tree=None):
         """The Drafter for ``speculate`` (kept per spec, so Token Recycling's matrix stays hot)."""
         from tokenfx.runtime.speculative.drafters import make_drafter

@@ -127,7 +127,13 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
     batch, prompt = ids.shape
     device = ids.device
     drafter.prepare(gen)
-    nodes = drafter.max_nodes if tree_budget is None else max(1, min(drafter.max_nodes, int(tree_budget)))
+    auto = tree_budget in (None, "auto") and hasattr(drafter, "set_budget")
+    if tree_budget not in (None, "auto") and (not isinstance(tree_budget, int) or tree_budget < 1):
+        raise GenerationError(f"tree_budget must be a positive number of nodes or 'auto', got {tree_budget!r}")
+    nodes = drafter.max_nodes if tree_budget in (None, "auto") else min(drafter.max_nodes, int(tree_budget))
+    if hasattr(drafter, "set_budget"):
+        drafter.set_budget(nodes)
+    sizer = _Sizer(gen.verify_cost(batch), drafter) if auto else None
     if prompt + max_new_tokens + nodes > gen.layout.max_positions:
         raise GenerationError(f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) + a {nodes}-node draft tree "
                               f"exceeds the model's {gen.layout.max_positions} positions; use a smaller tree "
@@ -167,6 +173,9 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         if bool(finished.all()):
             break
         state.max_depth = (prompt + max_new_tokens - length).clamp(min=0)
+        if sizer is not None:
+            sizer.resize(rounds)
+        round_start = time.perf_counter()
         draft = drafter.propose(state)
         if draft.tokens.shape[1] > nodes:
             raise GenerationError(f"drafter {drafter.name} proposed {draft.tokens.shape[1]} nodes; at most {nodes} fit")
@@ -179,8 +188,10 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         write = int(length.max()) - 1  # scratch after every row's cached columns (the root's slot onwards)
         node_positions = (positions_of(length - 1, pads)[:, None] + depth).clamp(max=gen.layout.max_positions - 1)
         tokens = torch.where(draft.valid, draft.tokens, pad)
+        call_start = time.perf_counter()
         logits, _ = run(tokens.contiguous(), node_positions.contiguous(), cache, cache_mask, tree_mask.contiguous(),
                         slots[write:write + t])
+        call_seconds = time.perf_counter() - call_start
         if sampling:
             probs = V.warp(logits, temperature, top_k, top_p)
             verdict = V.sample(tokens, draft.parents, draft.valid, tree_mask, depth, probs, generator, draft.q)
@@ -222,13 +233,15 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         finished |= newly & (count > 0)
         state.length, state.finished = length, finished
         rounds += 1
+        if sizer is not None:
+            sizer.observe(time.perf_counter() - round_start - call_seconds)
     total = int(length.max())
     seconds = time.perf_counter() - start_time
     new_tokens = total - prompt
     gen.last_stats = {"prompt_tokens": prompt, "new_tokens": new_tokens, "batch": batch, "reused_tokens": reused,
                       "seconds": seconds, "first_token_seconds": first_token_s, "steps": rounds,
                       "accepted_per_step": emitted_total / max(row_steps, 1),  # tokens per verify step and row
-                      "drafter": drafter.name, "tree_nodes": nodes,
+                      "drafter": drafter.name, "tree_nodes": len(drafter.tree) if hasattr(drafter, "tree") else nodes,
                       "decode_tokens_per_s": (new_tokens - 1) * batch / max(seconds - first_token_s, 1e-9)}
     if gen.prefix_cache is not None:  # each row's columns [pad, cached) hold its tokens' K/V
         for b in range(batch):
@@ -236,6 +249,39 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
             if hi > lo:
                 gen.prefix_cache.insert(seq[b, lo:hi], cache[:, :, b, :, lo:hi])
     return seq[:, :total].clone()
+
+
+class _Sizer:
+    """``tree_budget="auto"``: every few rounds, give the drafter the node budget that maximises
+    expected tokens per second = ``drafter.expected_gain(n) / (verify_cost(n) + overhead)``, where
+    ``verify_cost`` is the measured curve of this machine and ``overhead`` the running mean of the
+    round's time outside the verify call (drafting, verification, bookkeeping)."""
+
+    every = 8
+
+    def __init__(self, cost: dict[int, float], drafter):
+        self.cost, self.drafter, self.overhead = cost, drafter, None
+
+    def resize(self, rounds: int) -> None:
+        if rounds % self.every:
+            return
+        overhead = self.overhead or 0.0
+        sizes = sorted({n for n in self.cost if n <= self.drafter.max_nodes} | {1, self.drafter.max_nodes})
+        rate = {n: self.drafter.expected_gain(n) / (self._cost(n) + overhead) for n in sizes}
+        self.drafter.set_budget(max(rate, key=rate.get))
+
+    def _cost(self, n: int) -> float:
+        """The measured curve, linearly interpolated (and extended flat past its ends)."""
+        points = sorted(self.cost.items())
+        if n <= points[0][0]:
+            return points[0][1]
+        for (t0, c0), (t1, c1) in zip(points, points[1:]):
+            if n <= t1:
+                return c0 + (c1 - c0) * (n - t0) / (t1 - t0)
+        return points[-1][1]
+
+    def observe(self, seconds: float) -> None:
+        self.overhead = seconds if self.overhead is None else 0.8 * self.overhead + 0.2 * seconds
 
 
 def positions_of(columns: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:

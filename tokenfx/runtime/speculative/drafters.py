@@ -31,15 +31,48 @@ class TokenRecycling(Drafter):
     name = "recycling"
 
     def __init__(self, tree: Tree | None = None, k: int = 8, warm_start: bool = True):
-        self.tree = tree if tree is not None else Tree.recycling()
+        self.template = tree if tree is not None else Tree.recycling()
         self.k = int(k)
-        if int(self.tree.ranks.max()) >= self.k:
-            raise GenerationError(f"recycling: the tree uses candidate rank {int(self.tree.ranks.max())}; "
+        if len(self.template) > 1 and (self.template.ranks[1:] < 0).any():
+            raise GenerationError("recycling: the template tree needs a candidate rank for every node (Tree.from_paths)")
+        if int(self.template.ranks.max()) >= self.k:
+            raise GenerationError(f"recycling: the tree uses candidate rank {int(self.template.ranks.max())}; "
                                   f"the matrix keeps only k={self.k}")
         self.warm_start = warm_start
         self.adj: torch.Tensor | None = None
+        self.max_nodes = len(self.template)
+        # how often each template node was on an accepted path, for sizing the tree (expected_gain)
+        # P(node accepted | parent accepted): a rank prior worth 4 observations, then counts over
+        # the rounds where the node was drafted and its parent accepted
+        self._prior = torch.tensor([1.0] + [0.5 / (int(r) + 1) for r in self.template.ranks[1:]])
+        self.hits = torch.zeros(len(self.template))
+        self.tries = torch.zeros(len(self.template))
+        self.set_budget(len(self.template))
+
+    def set_budget(self, nodes: int) -> None:
+        """Use the ``nodes`` template nodes most often accepted so far (a subtree: a node is never
+        accepted more often than its parent, and ties keep parents first)."""
+        nodes = max(1, min(int(nodes), len(self.template)))
+        order = sorted(range(len(self.template)), key=lambda i: (-float(self.acceptance()[i]), i))
+        self.active = torch.tensor(sorted(order[:nodes]))
+        remap = {int(old): new for new, old in enumerate(self.active.tolist())}
+        parents = [-1] + [remap[int(self.template.parents[i])] for i in self.active.tolist()[1:]]
+        self.tree = Tree(parents, self.template.ranks[self.active])
         self._levels = [(lvl, self.tree.parents[lvl], self.tree.ranks[lvl]) for lvl in self.tree.levels()[1:]]
-        self.max_nodes = len(self.tree)
+
+    def acceptance(self) -> torch.Tensor:
+        """Estimated probability that each template node is on the accepted path: the product of
+        the conditional acceptance rates along its path."""
+        conditional = (self.hits + 4 * self._prior) / (self.tries + 4)
+        p = conditional.clone()
+        for level in self.template.levels()[1:]:
+            p[level] = conditional[level] * p[self.template.parents[level]]
+        return p
+
+    def expected_gain(self, nodes: int) -> float:
+        """Expected tokens per step (accepted + the bonus) with the best ``nodes``-node subtree."""
+        p = self.acceptance()[1:].sort(descending=True).values
+        return 1.0 + float(p[:max(0, nodes - 1)].sum())
 
     def prepare(self, generator) -> None:
         vocab = generator.vocab_size
@@ -62,6 +95,17 @@ class TokenRecycling(Drafter):
     def update(self, state, draft, logits, verdict) -> None:
         top = torch.topk(logits[draft.valid], self.k, dim=-1).indices
         self.adj[draft.tokens[draft.valid].to(self.adj.device)] = top.to(self.adj.device)
+        live = ~state.finished.cpu()
+        if bool(live.any()):
+            t = len(self.tree)
+            steps = torch.arange(verdict.path.shape[1])
+            on_path = torch.zeros(int(live.sum()), t, dtype=torch.bool)
+            paths = verdict.path.cpu()[live]
+            on_path.scatter_(1, torch.where(steps < verdict.length.cpu()[live, None], paths, 0), True)
+            tried = on_path[:, self.tree.parents.clamp(min=0)]  # drafted, and its parent accepted
+            tried[:, 0] = False
+            self.hits.index_add_(0, self.active, on_path.float().sum(0))
+            self.tries.index_add_(0, self.active, tried.float().sum(0))
 
 
 def _next_token_topk(generator, k: int, chunk: int = 512) -> torch.Tensor:

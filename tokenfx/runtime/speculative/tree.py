@@ -92,6 +92,32 @@ class Tree:
         """The Token Recycling template: 80 draft nodes + root, depth 6."""
         return cls.from_level_sizes(RECYCLING_LEVELS, k=8)
 
+    @classmethod
+    def parse(cls, spec: str) -> "Tree":
+        """A template from text: ``recycling``, ``chain:K``, ``levels:8,4,2`` (nodes per level) or the
+        path of a JSON file holding a list of rank paths (Medusa's format, e.g. ``[[0], [0, 0], [1]]``)."""
+        import json
+        from pathlib import Path
+
+        name, _, arg = spec.partition(":")
+        try:
+            if name == "recycling" and not arg:
+                return cls.recycling()
+            if name == "chain":
+                return cls.chain(int(arg))
+            if name == "levels":
+                return cls.from_level_sizes([int(x) for x in arg.split(",") if x.strip()])
+        except ValueError as exc:
+            raise TreeError(f"tree {spec!r}: {exc}") from exc
+        path = Path(spec)
+        if path.is_file():
+            try:
+                paths = json.loads(path.read_text())
+                return cls.from_paths(paths)
+            except (json.JSONDecodeError, TypeError) as exc:
+                raise TreeError(f"tree file {path}: expected a JSON list of rank paths ({exc})") from exc
+        raise TreeError(f"unknown tree {spec!r}: give recycling, chain:K, levels:A,B,... or a JSON file of rank paths")
+
     # -- views -------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self.parents.numel())
