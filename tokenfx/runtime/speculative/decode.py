@@ -67,12 +67,15 @@ class Draft:
     parents: torch.Tensor  # [B, T]; root and padding: -1
     valid: torch.Tensor  # [B, T] bool; padding nodes are False
     q: torch.Tensor | None = None  # [B, T, V] sampled drafts: the distribution node i's children came from
+    closure: tuple | None = None  # (depth [B, T], mask [B, T, T]) when known (static trees)
 
     @classmethod
     def from_tree(cls, tree, tokens: torch.Tensor) -> "Draft":
+        """Every row drafts the same template ``tree`` (its closure is reused, not recomputed)."""
         b = tokens.shape[0]
-        parents = tree.parents.to(tokens.device).expand(b, -1).contiguous()
-        return cls(tokens, parents, torch.ones_like(tokens, dtype=torch.bool))
+        parents = tree.parents.to(tokens.device).expand(b, -1)
+        closure = (tree.depth.to(tokens.device).expand(b, -1), tree.mask.to(tokens.device).expand(b, -1, -1))
+        return cls(tokens, parents, torch.ones_like(tokens, dtype=torch.bool), closure=closure)
 
     @classmethod
     def stack(cls, rows: list[tuple[list[int], list[int]]], device=None) -> "Draft":
@@ -93,14 +96,14 @@ class Draft:
         valid = self.valid.clone()
         valid[rows, 1:] = False
         parents = torch.where(valid, self.parents, -1)
-        return dataclasses.replace(self, valid=valid, parents=parents)
+        return dataclasses.replace(self, valid=valid, parents=parents, closure=None)
 
     def trim_depth(self, depth: torch.Tensor, max_depth: torch.Tensor) -> "Draft":
         """Drop nodes deeper than each row's ``max_depth`` (their subtrees go with them)."""
         keep = self.valid & (depth <= max_depth[:, None])
-        if bool(keep.all()):
+        if bool((keep == self.valid).all()):
             return self
-        return dataclasses.replace(self, valid=keep, parents=torch.where(keep, self.parents, -1))
+        return dataclasses.replace(self, valid=keep, parents=torch.where(keep, self.parents, -1), closure=None)
 
 
 class Drafter:
@@ -179,10 +182,11 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         draft = drafter.propose(state)
         if draft.tokens.shape[1] > nodes:
             raise GenerationError(f"drafter {drafter.name} proposed {draft.tokens.shape[1]} nodes; at most {nodes} fit")
-        draft = draft.only_roots(finished) if bool(finished.any()) else draft
-        depth, tree_mask = batch_closure(draft.parents)
-        draft = draft.trim_depth(depth, state.max_depth)
-        if not bool(draft.valid.all()):
+        depth, tree_mask = draft.closure if draft.closure is not None else batch_closure(draft.parents)
+        cut = draft.only_roots(finished) if bool(finished.any()) else draft
+        cut = cut.trim_depth(depth, state.max_depth)
+        if cut is not draft:  # rows finished, or trees deeper than the tokens still allowed
+            draft = cut
             depth, tree_mask = batch_closure(draft.parents)
         t = draft.tokens.shape[1]
         write = int(length.max()) - 1  # scratch after every row's cached columns (the root's slot onwards)

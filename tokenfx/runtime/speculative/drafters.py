@@ -53,7 +53,8 @@ class TokenRecycling(Drafter):
         """Use the ``nodes`` template nodes most often accepted so far (a subtree: a node is never
         accepted more often than its parent, and ties keep parents first)."""
         nodes = max(1, min(int(nodes), len(self.template)))
-        order = sorted(range(len(self.template)), key=lambda i: (-float(self.acceptance()[i]), i))
+        accept = self.acceptance().tolist()
+        order = sorted(range(len(self.template)), key=lambda i: (-accept[i], i))
         self.active = torch.tensor(sorted(order[:nodes]))
         remap = {int(old): new for new, old in enumerate(self.active.tolist())}
         parents = [-1] + [remap[int(self.template.parents[i])] for i in self.active.tolist()[1:]]
