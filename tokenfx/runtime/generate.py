@@ -47,6 +47,7 @@ class Generator:
     def __init__(self, model, *, compile: bool = False, prefix_cache_bytes: int = 0, max_positions: int = 0):
         self.compile = bool(compile)
         self._max_positions = max_positions
+        self.spec = str(model) if isinstance(model, str) or hasattr(model, "__fspath__") else None
         self._source = _resolve(model)  # an nn.Module or a ModelGraph
         self._graphs: dict = {}
         self.config = getattr(self._source, "config", None)
@@ -441,6 +442,17 @@ def _model_dir(spec: str):
         return Path(assets.path(spec.split(":", 1)[1]))  # unknown names: ModelLoadError listing the bundled ones
     path = Path(spec)
     return path if path.is_dir() else None
+
+
+def tokenizer_vocab(spec: str | None) -> dict | None:
+    """The token → id map of the ``tokenizer.json`` stored with ``spec`` (None when there is none)."""
+    import json
+
+    directory = _model_dir(str(spec)) if spec is not None else None
+    if directory is None or not (directory / "tokenizer.json").exists():
+        return None
+    vocab = json.loads((directory / "tokenizer.json").read_text()).get("model", {}).get("vocab")
+    return vocab if isinstance(vocab, dict) else None
 
 
 def load_tokenizer(spec: str):

@@ -212,6 +212,12 @@ class DraftModel(Drafter):
         if self.gen.vocab_size != generator.vocab_size:
             raise GenerationError(f"draft model {self.model} has a vocabulary of {self.gen.vocab_size} tokens, the "
                                   f"target {generator.vocab_size}: the drafter must share the target's tokenizer")
+        from tokenfx.runtime.generate import tokenizer_vocab
+
+        mine, theirs = tokenizer_vocab(self.gen.spec), tokenizer_vocab(generator.spec)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise GenerationError(f"draft model {self.model} uses another tokenizer than the target {generator.spec} "
+                                  "(same vocabulary size, different tokens); the drafter must share the target's tokenizer")
         if generator.layout.max_positions > self.gen.layout.max_positions:
             raise GenerationError(f"draft model {self.model} covers {self.gen.layout.max_positions} positions, the target "
                                   f"{generator.layout.max_positions}")
