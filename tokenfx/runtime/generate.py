@@ -222,24 +222,13 @@ class Generator:
     def verify_cost(self, batch: int, sizes=(1, 4, 8, 16, 32, 48, 64, 81), context: int = 256) -> dict[int, float]:
         """Seconds per call of the tree graph for ``T`` tree nodes (median of 3) after ``context``
         cached tokens, for each ``T`` in ``sizes``: the curve that sizes draft trees to this machine.
-        Measured once per batch size (and kept on disk for compiled graphs)."""
-        import json
-
+        Measured once per batch size and process (about a second compiled: a curve kept from
+        another time would carry that time's load)."""
         costs = self.__dict__.setdefault("_verify_costs", {})
         key = (batch, tuple(sizes), context)
         if key in costs:
             return costs[key]
         run = self.runner("tree")
-        path = None
-        if getattr(run, "package", None) is not None:
-            from tokenfx.runtime import executor
-
-            path = executor.cache_dir() / "verify_cost" / f"{run.package.stem}-b{batch}-c{context}.json"
-            if path.exists():
-                data = {int(k): v for k, v in json.loads(path.read_text()).items()}
-                if set(sizes) <= set(data):
-                    costs[key] = {t: data[t] for t in sizes}
-                    return costs[key]
         size = context + max(sizes)
         cache = torch.zeros(self.layout.cache_shape(batch, size), dtype=self.layout.dtype)
         cache_mask = torch.zeros(batch, size, dtype=torch.long)
@@ -258,9 +247,6 @@ class Generator:
                     times.append(time.perf_counter() - start)
                 result[t] = sorted(times[1:])[1]
         costs[key] = result
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result))
         return result
 
     def drafter(self, speculate, tree=None):
