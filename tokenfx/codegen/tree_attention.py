@@ -40,8 +40,9 @@ def tree_attention_reference(q, k, v, key_mask, tree_mask, slots, scale: float):
     """Plain torch: build the ``[B, 1, T, S]`` bool mask and call SDPA (GQA without a repeat)."""
     b, h, t, _ = q.shape
     s = k.shape[2]
-    allowed = (key_mask != 0)[:, None, None, :].expand(b, 1, t, s).clone()
-    allowed[..., slots] |= tree_mask[:, None].bool()
+    cached = (key_mask != 0)[:, None, None, :]  # [B, 1, 1, S]
+    placed = torch.zeros(b, 1, t, s, dtype=torch.bool, device=q.device).index_copy(3, slots, tree_mask[:, None].bool())
+    allowed = cached | placed  # functional (no in-place ops): decomposes into graphs Inductor compiles
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=h != k.shape[1])
 
 
