@@ -238,7 +238,7 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         state.length, state.finished = length, finished
         rounds += 1
         if sizer is not None:
-            sizer.observe(time.perf_counter() - round_start - call_seconds)
+            sizer.observe(time.perf_counter() - round_start - call_seconds, t, call_seconds)
     total = int(length.max())
     seconds = time.perf_counter() - start_time
     new_tokens = total - prompt
@@ -264,7 +264,7 @@ class _Sizer:
     every = 8
 
     def __init__(self, cost: dict[int, float], drafter):
-        self.cost, self.drafter, self.overhead = cost, drafter, None
+        self.cost, self.drafter, self.overhead = dict(cost), drafter, None
 
     def resize(self, rounds: int) -> None:
         if rounds % self.every:
@@ -284,8 +284,12 @@ class _Sizer:
                 return c0 + (c1 - c0) * (n - t0) / (t1 - t0)
         return points[-1][1]
 
-    def observe(self, seconds: float) -> None:
-        self.overhead = seconds if self.overhead is None else 0.8 * self.overhead + 0.2 * seconds
+    def observe(self, overhead: float, nodes: int, call_seconds: float) -> None:
+        """One round: its time outside the verify call, and the call's time for ``nodes`` nodes
+        (which refines the curve: the fastest time seen per size, like the measurement)."""
+        self.overhead = overhead if self.overhead is None else 0.8 * self.overhead + 0.2 * overhead
+        if nodes in self.cost:
+            self.cost[nodes] = min(self.cost[nodes], call_seconds)
 
 
 def positions_of(columns: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:
