@@ -229,6 +229,9 @@ class Generator:
         if key in costs:
             return costs[key]
         run = self.runner("tree")
+        limit = self.layout.max_positions
+        sizes = [t for t in sizes if t < limit] or [1]
+        context = max(0, min(context, limit - max(sizes)))  # positions stay inside the model's tables
         size = context + max(sizes)
         cache = torch.zeros(self.layout.cache_shape(batch, size), dtype=self.layout.dtype)
         cache_mask = torch.zeros(batch, size, dtype=torch.long)

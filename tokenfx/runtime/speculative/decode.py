@@ -134,13 +134,13 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
     if tree_budget not in (None, "auto") and (not isinstance(tree_budget, int) or tree_budget < 1):
         raise GenerationError(f"tree_budget must be a positive number of nodes or 'auto', got {tree_budget!r}")
     nodes = drafter.max_nodes if tree_budget in (None, "auto") else min(drafter.max_nodes, int(tree_budget))
-    if hasattr(drafter, "set_budget"):
-        drafter.set_budget(nodes)
-    sizer = _Sizer(gen.verify_cost(batch), drafter) if auto else None
     if prompt + max_new_tokens + nodes > gen.layout.max_positions:
         raise GenerationError(f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) + a {nodes}-node draft tree "
                               f"exceeds the model's {gen.layout.max_positions} positions; use a smaller tree "
                               "(tree_budget) or fewer new tokens")
+    if hasattr(drafter, "set_budget"):
+        drafter.set_budget(nodes)
+    sizer = _Sizer(gen.verify_cost(batch), drafter) if auto else None
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     run = gen.runner("tree")
     start_time = time.perf_counter()
@@ -191,7 +191,7 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         t = draft.tokens.shape[1]
         write = int(length.max()) - 1  # scratch after every row's cached columns (the root's slot onwards)
         node_positions = (positions_of(length - 1, pads)[:, None] + depth).clamp(max=gen.layout.max_positions - 1)
-        tokens = torch.where(draft.valid, draft.tokens, pad)
+        tokens = torch.where(draft.valid, draft.tokens, 0)  # padding nodes: any id in the vocabulary (masked)
         call_start = time.perf_counter()
         logits, _ = run(tokens.contiguous(), node_positions.contiguous(), cache, cache_mask, tree_mask.contiguous(),
                         slots[write:write + t])

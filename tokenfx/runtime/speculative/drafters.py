@@ -138,7 +138,7 @@ class PromptLookup(Drafter):
         for b in range(state.tokens.shape[0]):
             seq = state.row(b)
             continuations = [] if bool(state.finished[b]) else self._continuations(seq)
-            rows.append(_trie(int(seq[-1]), continuations, self.max_nodes))
+            rows.append(_trie(int(seq[-1]), continuations, min(self.max_nodes, state.max_nodes)))
         return Draft.stack(rows, state.tokens.device)
 
     def _continuations(self, seq: torch.Tensor) -> list[list[int]]:
@@ -279,7 +279,7 @@ class DraftModel(Drafter):
         b = state.tokens.shape[0]
         rows = torch.arange(b, device=device)
         sampling = state.temperature > 0
-        n_max = self.max_nodes
+        n_max = min(self.max_nodes, state.max_nodes)  # tree_budget
         per_node = 1 if self.mode == "chain" else self.width
         tokens = torch.zeros(b, n_max, dtype=torch.long, device=device)
         parents = torch.full((b, n_max), -1, dtype=torch.long, device=device)
