@@ -4,9 +4,11 @@
    graphs, compile both with AOTInductor (once; later runs load the cached packages);
 2. greedy — a left-padded batch of 4 held-out code prompts: Hugging Face ``generate`` vs
    ``tokenfx.Generator``, token-identical check and tokens/s of both (timed in turns);
-3. prefix reuse — time to first token for a request that shares a 512-token prefix with an
+3. speculative — one prompt, plain greedy vs Token Recycling verified by the ``tree_verify``
+   graph (compiled too): token-identical check, tokens/s, tokens per verify step;
+4. prefix reuse — time to first token for a request that shares a 512-token prefix with an
    earlier one, with and without the radix-tree prefix cache;
-4. export — the decode graph (cache as inputs / outputs) to ONNX, one step in onnxruntime
+5. export — the decode graph (cache as inputs / outputs) to ONNX, one step in onnxruntime
    against the graph.
 """
 
@@ -91,7 +93,27 @@ def run_decoder_demo(out_dir: Path, console, *, compile: bool = True, new_tokens
     sample = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     console.print(f"[dim]prompt 1 continues:[/dim] {sample[:160]!r}")
 
-    console.print("\n[bold]3. prefix reuse[/bold] — two requests sharing a 512-token prefix, 32-token suffixes")
+    console.print(f"\n[bold]3. speculative[/bold] — Token Recycling drafts a tree per step, one tree_verify call "
+                  f"checks it (lossless), {2 * new_tokens} new tokens")
+    one = tokenizer(prompts[0], return_tensors="pt")["input_ids"]
+    with torch.inference_mode(), console.status("building the tree-verify graph" + (" and compiling it" if compile else "")):
+        gen.generate(one, max_new_tokens=8, speculate="recycling")  # builds / loads the graph, seeds the matrix
+
+        def plain():
+            return gen.generate(one, max_new_tokens=2 * new_tokens, stop=[])
+
+        def recycled():
+            return gen.generate(one, max_new_tokens=2 * new_tokens, stop=[], speculate="recycling")
+
+        spec_identical = torch.equal(plain(), recycled())
+        accepted = gen.last_stats["accepted_per_step"]
+        ms = _interleaved_median_ms({"plain": plain, "spec": recycled}, repeats=3)
+    spec_speedup = ms["plain"] / ms["spec"]
+    console.print(f"plain {2 * new_tokens / ms['plain'] * 1000:.0f} tokens/s → recycling "
+                  f"{2 * new_tokens / ms['spec'] * 1000:.0f} tokens/s ({spec_speedup:.2f}×), {accepted:.2f} tokens per "
+                  "verify step; " + ("[green]token-identical[/green]" if spec_identical else "[red]outputs differ[/red]"))
+
+    console.print("\n[bold]4. prefix reuse[/bold] — two requests sharing a 512-token prefix, 32-token suffixes")
     stream = tokenizer("\n".join(texts[4:]), return_tensors="pt")["input_ids"][0]
     prefix, suffix_a, suffix_b = stream[:512], stream[512:544], stream[600:632]
     first = torch.cat([prefix, suffix_a])[None]
@@ -108,7 +130,7 @@ def run_decoder_demo(out_dir: Path, console, *, compile: bool = True, new_tokens
                   f"{reused} cached tokens ({cold_ttft / warm_ttft:.1f}× lower); outputs "
                   + ("identical" if torch.equal(cold, warm) else "[red]differ[/red]"))
 
-    console.print("\n[bold]4. export[/bold] — the decode graph to ONNX, one step in onnxruntime")
+    console.print("\n[bold]5. export[/bold] — the decode graph to ONNX, one step in onnxruntime")
     onnx_path = out_dir / "tiny_code_decode.onnx"
     with console.status("building the portable decode graph (new K/V as an output) and exporting it"):
         portable = gen.graph("decode", cache_update="output")
@@ -125,8 +147,10 @@ def run_decoder_demo(out_dir: Path, console, *, compile: bool = True, new_tokens
         "model": "tokenfx:tiny-code", "compile": compile, "build_seconds": build_s,
         "greedy": {"batch": list(ids.shape), "new_tokens": new_tokens, "identical_to_hf": identical,
                    "hf_tokens_per_s": produced / hf_s, "tokenfx_tokens_per_s": produced / fx_s, "speedup": hf_s / fx_s},
+        "speculative": {"drafter": "recycling", "new_tokens": 2 * new_tokens, "identical": spec_identical,
+                        "accepted_per_step": accepted, "speedup_over_plain": spec_speedup},
         "prefix_reuse": {"prefix_tokens": 512, "reused_tokens": reused, "ttft_ms_cold": cold_ttft * 1000,
                          "ttft_ms_cached": warm_ttft * 1000, "identical": bool(torch.equal(cold, warm))},
         "onnx": {"path": str(onnx_path), "max_abs_error": onnx_err},
-        "ok": bool(identical and torch.equal(cold, warm) and onnx_err < 1e-3),
+        "ok": bool(identical and spec_identical and torch.equal(cold, warm) and onnx_err < 1e-3),
     }
