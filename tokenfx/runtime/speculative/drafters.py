@@ -202,6 +202,7 @@ class DraftModel(Drafter):
         self.max_nodes = 1 + {"chain": length, "tree": sum(width ** d for d in range(1, length + 1)),
                               "dynamic": budget}[mode]
         self.gen = None
+        self.cache = None  # [L, 2, B, Hkv, S, D] of the draft, allocated per request shape
 
     def prepare(self, generator) -> None:
         from tokenfx.runtime.generate import generator_for
@@ -226,7 +227,13 @@ class DraftModel(Drafter):
         gen = self.gen
         b, width = state.tokens.shape
         prompt = state.prompt
-        self.cache, self.cache_mask, _, self.slots = gen._allocate(b, width + self.max_nodes + 1, state.tokens.device)
+        # its own buffers (not gen._allocate's: the draft may be the target model itself, with the same Generator)
+        size = width + self.max_nodes + 1
+        shape = gen.layout.cache_shape(b, size)
+        if self.cache is None or tuple(self.cache.shape) != tuple(shape) or self.cache.device != state.tokens.device:
+            self.cache = torch.zeros(shape, dtype=gen.layout.dtype, device=state.tokens.device)
+            self.cache_mask = torch.zeros(b, size, dtype=torch.long, device=state.tokens.device)
+            self.slots = torch.arange(size, device=state.tokens.device)
         self.cache_mask.zero_()
         mask = (torch.arange(prompt, device=state.tokens.device)[None, :] >= state.start[:, None]).long()
         ids = state.tokens[:, :prompt].contiguous()
