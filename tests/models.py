@@ -202,3 +202,26 @@ def call(model, inputs):
     with torch.no_grad():
         out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
     return plain_output(out)
+
+
+def held_out_code_prompts(tokenizer, n: int, seed: int) -> list[torch.Tensor]:
+    """``n`` windows of 1-60 tokens from the stdlib files ``tokenfx:tiny-code`` was not trained on."""
+    import json
+    import sysconfig
+    from pathlib import Path
+
+    from tokenfx import assets
+
+    split = json.loads((assets.path("tiny-code") / "split.json").read_text())
+    root = Path(sysconfig.get_paths()["stdlib"])
+    text = "\n".join((root / rel).read_text(encoding="utf-8", errors="replace") for rel in split["held_out"][:12]
+                     if (root / rel).exists())
+    ids = torch.tensor(tokenizer(text[:200_000])["input_ids"])
+    assert ids.numel() > 20_000, "the held-out stdlib files are missing"
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(1, 61, (1,), generator=g))
+        start = int(torch.randint(0, ids.numel() - length, (1,), generator=g))
+        out.append(ids[start:start + length])
+    return out

@@ -8,10 +8,7 @@ and the prefix cache against runs without them."""
 from __future__ import annotations
 
 import collections
-import json
 import math
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tokenfx
-from models import bert, gpt2, llama
+from models import bert, gpt2, held_out_code_prompts, llama
 from tokenfx import assets
 from tokenfx.errors import GenerationError, ModelLoadError
 from tokenfx.runtime.generate import Generator, generator_for
@@ -79,20 +76,6 @@ def gpt2_case():
     return Case(model, gen, random_prompts(PROMPTS, 100, 1, 40, seed=2), gen.pad_id)
 
 
-def code_prompts(tokenizer, n: int) -> list[torch.Tensor]:
-    split = json.loads((assets.path("tiny-code") / "split.json").read_text())
-    root = Path(sysconfig.get_paths()["stdlib"])
-    text = "\n".join((root / rel).read_text(encoding="utf-8", errors="replace") for rel in split["held_out"][:12]
-                     if (root / rel).exists())
-    ids = torch.tensor(tokenizer(text[:200_000])["input_ids"])
-    assert ids.numel() > 20_000
-    g = torch.Generator().manual_seed(3)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(1, 61, (1,), generator=g))
-        start = int(torch.randint(0, ids.numel() - length, (1,), generator=g))
-        out.append(ids[start:start + length])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +87,7 @@ def tiny_code_case():
     tokenizer = AutoTokenizer.from_pretrained(path)
     gen = Generator(model)
     assert (gen.eos_ids, gen.pad_id) == ([0], 1)
-    return Case(model, gen, code_prompts(tokenizer, PROMPTS), 1)
+    return Case(model, gen, held_out_code_prompts(tokenizer, PROMPTS, seed=3), 1)
 
 
 CASES = ["tiny_code_case", "llama_case", "gpt2_case"]

@@ -14,15 +14,11 @@ identity is not the trivial one of a verifier that accepts nothing. Then the ref
 from __future__ import annotations
 
 import collections
-import json
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
 
-from models import gpt2, llama
-from tokenfx import assets
+from models import gpt2, held_out_code_prompts, llama
 from tokenfx.errors import GenerationError
 from tokenfx.runtime.generate import Generator, generator_for, load_tokenizer
 from tokenfx.runtime.speculative.drafters import DraftModel
@@ -59,21 +55,6 @@ REPEATING = [
 
 
 # -- tiny-code ------------------------------------------------------------------------------------
-def code_prompts(tokenizer, n: int) -> list[torch.Tensor]:
-    """Windows of 1-60 tokens from the stdlib files tiny-code was not trained on."""
-    split = json.loads((assets.path("tiny-code") / "split.json").read_text())
-    root = Path(sysconfig.get_paths()["stdlib"])
-    text = "\n".join((root / rel).read_text(encoding="utf-8", errors="replace") for rel in split["held_out"][:12]
-                     if (root / rel).exists())
-    ids = torch.tensor(tokenizer(text[:200_000])["input_ids"])
-    assert ids.numel() > 20_000
-    g = torch.Generator().manual_seed(13)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(1, 61, (1,), generator=g))
-        start = int(torch.randint(0, ids.numel() - length, (1,), generator=g))
-        out.append(ids[start:start + length])
-    return out
 
 
 def left_pad(rows: list[torch.Tensor], seed: int = 0):
@@ -97,7 +78,7 @@ def code():
     gen = generator_for("tokenfx:tiny-code")  # the one tokenfx.generate("tokenfx:tiny-code", ...) uses
     tokenizer = load_tokenizer("tokenfx:tiny-code")
     repeating = [torch.tensor(tokenizer(s)["input_ids"]) for s in REPEATING]
-    held_out = code_prompts(tokenizer, 52 - len(repeating))
+    held_out = held_out_code_prompts(tokenizer, 52 - len(repeating), seed=13)
     single = repeating[:4] + held_out[:12]
     rest = repeating[4:] + held_out[12:]
     order = sorted(range(len(rest)), key=lambda i: rest[i].numel())
