@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="AOTInductor-compile the graphs (cached on disk)")
     p.add_argument("--speculate", metavar="DRAFTER",
                    help="lossless speculative decoding: recycling, lookup, draft[:MODEL], draft-tree[:MODEL], "
-                        "dynamic[:MODEL] (output identical to plain decoding)")
+                        "dynamic[:MODEL], self[:LAYER] (output identical to plain decoding)")
     p.add_argument("--tree", metavar="TEMPLATE",
                    help="draft tree for recycling: recycling (80 nodes), chain:K, levels:A,B,..., or a JSON file "
                         "of rank paths")
