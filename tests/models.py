@@ -225,3 +225,15 @@ def held_out_code_prompts(tokenizer, n: int, seed: int) -> list[torch.Tensor]:
         start = int(torch.randint(0, ids.numel() - length, (1,), generator=g))
         out.append(ids[start:start + length])
     return out
+
+
+def left_pad(rows: list[torch.Tensor], seed: int = 0):
+    """Left-padded ``ids, mask``; padding columns hold random ids (they must be masked, not ignored by luck)."""
+    width = max(r.numel() for r in rows)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 90, (len(rows), width), generator=g)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - r.numel():] = r
+        mask[i, width - r.numel():] = 1
+    return ids, mask

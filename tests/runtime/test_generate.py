@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tokenfx
-from models import bert, gpt2, held_out_code_prompts, llama
+from models import bert, gpt2, held_out_code_prompts, left_pad, llama
 from tokenfx import assets
 from tokenfx.errors import GenerationError, ModelLoadError
 from tokenfx.runtime.generate import Generator, generator_for
@@ -93,16 +93,6 @@ def tiny_code_case():
 CASES = ["tiny_code_case", "llama_case", "gpt2_case"]
 
 
-def left_pad(rows: list[torch.Tensor], seed: int = 0):
-    """Left-padded ``ids, mask``; padding slots hold random ids (they must be masked, not ignored by luck)."""
-    width = max(r.numel() for r in rows)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 90, (len(rows), width), generator=g)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - r.numel():] = r
-        mask[i, width - r.numel():] = 1
-    return ids, mask
 
 
 def batches_of_four(prompts):

@@ -18,7 +18,7 @@ import collections
 import pytest
 import torch
 
-from models import gpt2, held_out_code_prompts, llama
+from models import gpt2, held_out_code_prompts, left_pad, llama
 from tokenfx.errors import GenerationError
 from tokenfx.runtime.generate import Generator, generator_for, load_tokenizer
 from tokenfx.runtime.speculative.drafters import DraftModel
@@ -57,16 +57,6 @@ REPEATING = [
 # -- tiny-code ------------------------------------------------------------------------------------
 
 
-def left_pad(rows: list[torch.Tensor], seed: int = 0):
-    """Left-padded ``ids, mask``; padding columns hold random ids (they must be masked, not ignored by luck)."""
-    width = max(r.numel() for r in rows)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 90, (len(rows), width), generator=g)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - r.numel():] = r
-        mask[i, width - r.numel():] = 1
-    return ids, mask
 
 
 Code = collections.namedtuple("Code", "gen single batches")
