@@ -181,12 +181,7 @@ class Generator:
         sample = temperature > 0
 
         start = time.perf_counter()
-        cache, cache_mask, out, slots = self._allocate(batch, prompt + max_new_tokens, ids.device)
-        out[:, :prompt] = ids
-        cache_mask.zero_()
-        cache_mask[:, :prompt] = mask
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        logits, reused = self._prefill_prompt(ids, mask, positions, cache, cache_mask, slots)
+        cache, cache_mask, out, slots, positions, logits, reused = self._start(ids, mask, prompt + max_new_tokens)
         first_token_s = time.perf_counter() - start
 
         position = positions[:, -1:] + 1
@@ -308,6 +303,18 @@ class Generator:
             self._buffers = {key: buf}  # one live allocation
         return buf
 
+    def _start(self, ids, mask, length: int):
+        """Buffers for a request of ``length`` slots, the prompt copied into ``out`` and prefilled
+        into the cache: ``(cache, cache_mask, out, slots, positions, last logits, reused tokens)``."""
+        prompt = ids.shape[1]
+        cache, cache_mask, out, slots = self._allocate(ids.shape[0], length, ids.device)
+        out[:, :prompt] = ids
+        cache_mask.zero_()
+        cache_mask[:, :prompt] = mask
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        logits, reused = self._prefill_prompt(ids, mask, positions, cache, cache_mask, slots)
+        return cache, cache_mask, out, slots, positions, logits, reused
+
     def _prefill_prompt(self, ids, mask, positions, cache, cache_mask, slots):
         """Fill the cache for the prompt; return the last position's logits and the reused count."""
         batch, prompt = ids.shape
@@ -349,18 +356,9 @@ class Generator:
 
 def _sample(scores: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
     """HF order: temperature → top-k → top-p (smallest set with mass >= top_p), then one draw."""
-    scores = scores.float() / temperature
-    if top_k is not None and top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - top_p
-        drop[:, -1] = False  # keep at least the most likely token
-        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = scores.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    from tokenfx.runtime.speculative.verify import warp
+
+    return torch.multinomial(warp(scores, temperature, top_k, top_p), 1, generator=generator).squeeze(1)
 
 
 def _as_ids(stop) -> list[int]:

@@ -30,6 +30,7 @@ import torch
 
 from tokenfx.codegen import kv_compact  # noqa: F401  (registers tokenfx::kv_compact)
 from tokenfx.errors import GenerationError
+from tokenfx.runtime.generate import _sample
 from tokenfx.runtime.speculative import verify as V
 from tokenfx.runtime.speculative.tree import batch_closure
 
@@ -144,20 +145,14 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     run = gen.runner("tree")
     start_time = time.perf_counter()
-    cache, cache_mask, _, slots = gen._allocate(batch, prompt + max_new_tokens + nodes, device)
-    width = prompt + max_new_tokens
-    seq = torch.full((batch, width), pad, dtype=torch.long, device=device)
-    seq[:, :prompt] = ids
-    cache_mask.zero_()
-    cache_mask[:, :prompt] = mask
-    positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-    logits, reused = gen._prefill_prompt(ids, mask, positions, cache, cache_mask, slots)
+    cache, cache_mask, out, slots, _, logits, reused = gen._start(ids, mask, prompt + max_new_tokens + nodes)
+    seq = out[:, :prompt + max_new_tokens]  # committed tokens per row (a view of the request's buffer)
+    seq[:, prompt:] = pad  # columns a finished row never reaches read as padding
     first_token_s = time.perf_counter() - start_time
 
     sampling = temperature > 0
     scores = logits[:, -1, :]
-    first = (torch.multinomial(V.warp(scores, temperature, top_k, top_p), 1, generator=generator).squeeze(1)
-             if sampling else scores.argmax(-1))
+    first = _sample(scores, temperature, top_k, top_p, generator) if sampling else scores.argmax(-1)
     seq[:, prompt] = first
     if stream is not None:
         stream(first)

@@ -230,7 +230,7 @@ class DraftModel(Drafter):
         b, width = state.tokens.shape
         prompt = state.prompt
         # its own buffers (not gen._allocate's: the draft may be the target model itself, with the same Generator)
-        size = width + self.max_nodes + 1
+        size = width + self.max_nodes  # committed columns, then a tree's scratch (never past max_positions)
         shape = gen.layout.cache_shape(b, size)
         if self.cache is None or tuple(self.cache.shape) != tuple(shape) or self.cache.device != state.tokens.device:
             self.cache = torch.zeros(shape, dtype=gen.layout.dtype, device=state.tokens.device)
