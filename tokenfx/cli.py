@@ -166,6 +166,26 @@ def render_passes(console, passes) -> None:
 
 
 # -- generate --------------------------------------------------------------------------------------
+def _early_exit_policy(args):
+    """``--early-exit`` / ``--exit-measure`` / ``--skip-decode`` → an early-exit policy or None."""
+    from tokenfx.errors import GenerationError
+
+    if args.early_exit is None and args.skip_decode is None:
+        if args.exit_measure is not None:
+            raise GenerationError("--exit-measure needs --early-exit THRESHOLD")
+        return None
+    if args.early_exit is not None and args.skip_decode is not None:
+        raise GenerationError("give one of --early-exit and --skip-decode")
+    if args.speculate is not None:
+        raise GenerationError("--speculate and --early-exit / --skip-decode do not combine: self-speculation "
+                              "(--speculate self[:LAYER|auto]) is the lossless early exit")
+    from tokenfx.runtime.early_exit import ConfidenceExit, SkipDecode
+
+    if args.skip_decode is not None:
+        return SkipDecode(min_layers=args.skip_decode)
+    return ConfidenceExit(args.early_exit, measure=args.exit_measure or "softmax")
+
+
 def cmd_generate(args) -> int:
     import time
 
@@ -181,6 +201,7 @@ def cmd_generate(args) -> int:
             raise GenerationError(f"--prompt-file {args.prompt_file}: {exc}") from exc
     else:
         prompt = args.prompt
+    early_exit = _early_exit_policy(args)  # bad options fail before anything is loaded or printed
     tokenizer = load_tokenizer(args.model)  # before the (slow) graph build: a missing tokenizer fails fast
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
@@ -224,6 +245,8 @@ def cmd_generate(args) -> int:
             gen.drafter(args.speculate, tree=tree).prepare(gen)
     elif args.tree is not None or args.tree_budget != "auto":
         raise GenerationError("--tree and --tree-budget need --speculate")
+    if early_exit is not None:
+        speculative["early_exit"] = early_exit
     start = time.perf_counter()
     out = gen.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed, stream=stream, **speculative)
@@ -234,14 +257,19 @@ def cmd_generate(args) -> int:
     if args.json:
         result = {"text": text, "token_ids": new, "new_tokens": len(new), "seconds": round(seconds, 4),
                   "tokens_per_s": round(len(new) / seconds, 2) if seconds > 0 else None}
-        if speculative:
+        if args.speculate is not None:
             result.update(speculate=args.speculate, steps=stats["steps"],
                           accepted_per_step=round(stats["accepted_per_step"], 3), tree_nodes=stats["tree_nodes"])
+        if early_exit is not None:  # the output may differ from the full model's
+            result.update(approximate=True, early_exit=stats["early_exit"], mean_layers=round(stats["mean_layers"], 3))
         print(json.dumps(result))
     else:
         sys.stdout.write(text[len(printed):] + "\n")
         extra = (f", {stats['accepted_per_step']:.2f} tokens per verify step over {stats['steps']} steps"
-                 if speculative else "")
+                 if args.speculate is not None else "")
+        if early_exit is not None:
+            extra += (f", APPROXIMATE early exit: {stats['mean_layers']:.2f} of {gen.layout.layers} blocks per token "
+                      "(output may differ from the full model's)")
         err.print(f"[dim]{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s{extra})[/dim]")
     return 0
 
@@ -289,7 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="AOTInductor-compile the graphs (cached on disk)")
     p.add_argument("--speculate", metavar="DRAFTER",
                    help="lossless speculative decoding: recycling, lookup, draft[:MODEL], draft-tree[:MODEL], "
-                        "dynamic[:MODEL], self[:LAYER] (output identical to plain decoding)")
+                        "dynamic[:MODEL], self[:LAYER|auto] (output identical to plain decoding)")
+    p.add_argument("--early-exit", type=float, metavar="THRESHOLD",
+                   help="APPROXIMATE: confidence-gated early exit (CALM), exit a token at the first layer whose "
+                        "confidence reaches THRESHOLD in [0, 1]; skipped layers' K/V filled from the exit state")
+    p.add_argument("--exit-measure", choices=["softmax", "margin", "entropy", "state"],
+                   help="confidence for --early-exit (default softmax)")
+    p.add_argument("--skip-decode", type=int, metavar="MIN_LAYERS",
+                   help="APPROXIMATE: SkipDecode, layers per token falling linearly from all to MIN_LAYERS")
     p.add_argument("--tree", metavar="TEMPLATE",
                    help="draft tree for recycling: recycling (80 nodes), chain:K, levels:A,B,..., or a JSON file "
                         "of rank paths")

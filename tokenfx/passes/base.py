@@ -66,7 +66,8 @@ class Pass:
 
 # -- registry ---------------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Pass]] = {}
-_PASS_MODULES = ("tokenfx.passes.fuse_norm", "tokenfx.passes.kv_cache", "tokenfx.passes.tree_verify")
+_PASS_MODULES = ("tokenfx.passes.fuse_norm", "tokenfx.passes.kv_cache", "tokenfx.passes.tree_verify",
+                  "tokenfx.passes.early_exit")
 
 
 def register(cls: type[Pass]) -> type[Pass]:

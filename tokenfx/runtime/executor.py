@@ -141,6 +141,24 @@ def remember_compiled_set(key: str, runners: dict, meta: dict) -> None:
     os.replace(tmp, index)
 
 
+def remember_compiled(key: str, label: str, run) -> None:
+    """Add one package to a model's set (graphs built on demand, such as early-exit pieces)."""
+    import json
+
+    index = cache_dir() / "sets" / f"{key}.json"
+    entry = {"packages": {}, "meta": {}}
+    if index.exists():
+        try:
+            entry = json.loads(index.read_text())
+        except json.JSONDecodeError:
+            pass
+    entry["packages"][label] = str(run.package)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entry))
+    os.replace(tmp, index)
+
+
 def load_compiled_set(key: str, labels: tuple[str, ...]):
     """``((callable, …), meta)`` for a model remembered by :func:`remember_compiled_set`, else None."""
     import json

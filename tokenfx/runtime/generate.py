@@ -120,6 +120,15 @@ class Generator:
             self._graphs["tree"] = optimize(decode, [TreeVerify()])
         return self._graphs["tree"]
 
+    @property
+    def stages(self):
+        """The early-exit pieces of the tree graph (:class:`tokenfx.runtime.early_exit.Stages`)."""
+        if "_stages" not in self.__dict__:
+            from tokenfx.runtime.early_exit import Stages
+
+            self._stages = Stages(self)
+        return self._stages
+
     def runner(self, label: str):
         """The callable for one of this Generator's graphs: ``prefill``, ``prefill_dense``, ``decode``
         or ``tree`` (built, and compiled when ``compile=True``, on first use)."""
@@ -152,24 +161,31 @@ class Generator:
     def generate(self, input_ids, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stop=None,
                  stream: Callable[[torch.Tensor], None] | None = None, speculate=None, tree=None,
-                 tree_budget=None) -> torch.Tensor:
+                 tree_budget=None, early_exit=None) -> torch.Tensor:
         """``input_ids [B, P]`` (left-padded with ``attention_mask``) → ``[B, P + new]``.
 
         ``stop``: token id(s) that end a row (default: the model's EOS); ``stream(tokens[B])`` is
         called with each step's tokens. Greedy when ``temperature == 0``.
 
         ``speculate``: a drafter (``"recycling"``, ``"lookup"``, ``"draft[:MODEL]"``,
-        ``"draft-tree[:MODEL]"``, ``"dynamic[:MODEL]"``, ``"self[:LAYER]"`` or a :class:`Drafter`); each step then
+        ``"draft-tree[:MODEL]"``, ``"dynamic[:MODEL]"``, ``"self[:LAYER|auto]"`` or a :class:`Drafter`); each step then
         verifies a draft tree in one call of the ``tree_verify`` graph, and the output is the
         same as without it (token-identical when greedy, the same distribution when sampling).
         ``stream`` then gets one call per emitted column, ``-1`` for rows without a token there.
         ``tree``: a :class:`Tree` template (recycling); ``tree_budget``: the most nodes per tree,
         ``"auto"`` (default) sized from this machine's measured verify cost.
+
+        ``early_exit`` (approximate: the output may differ from the full model's): a confidence
+        threshold in [0, 1], a :class:`~tokenfx.runtime.early_exit.ConfidenceExit` or a
+        :class:`~tokenfx.runtime.early_exit.SkipDecode` (see :mod:`tokenfx.runtime.early_exit`).
         """
         ids, mask = self._check_inputs(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
         batch, prompt = ids.shape
         stop_ids = self.eos_ids if stop is None else _as_ids(stop)
         pad = self.pad_id if self.pad_id is not None else (stop_ids[0] if stop_ids else 0)
+        if speculate is not None and early_exit is not None:
+            raise GenerationError("speculate and early_exit do not combine: self-speculation (speculate='self:E') is "
+                                  "the lossless early exit")
         if speculate is not None:
             from tokenfx.runtime.speculative.decode import speculative_generate
 
@@ -179,6 +195,11 @@ class Generator:
                                         tree_budget=tree_budget)
         generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
         sample = temperature > 0
+        step = None
+        if early_exit is not None:
+            from tokenfx.runtime.early_exit import make_step
+
+            step = make_step(self, early_exit, max_new_tokens)
 
         start = time.perf_counter()
         cache, cache_mask, out, slots, positions, logits, reused = self._start(ids, mask, prompt + max_new_tokens)
@@ -203,7 +224,10 @@ class Generator:
                     break
             if steps == max_new_tokens:
                 break
-            logits, _ = self._decode(token[:, None], position, cache, cache_mask, ones, slots[slot:slot + 1])  # writes K/V
+            if step is None:
+                logits, _ = self._decode(token[:, None], position, cache, cache_mask, ones, slots[slot:slot + 1])  # writes K/V
+            else:
+                logits = step(token, position, cache, cache_mask, slots[slot:slot + 1], steps - 1)
             cache_mask[:, slot] = 1
             position += 1
         total = prompt + steps
@@ -212,6 +236,8 @@ class Generator:
         self.last_stats = {"prompt_tokens": prompt, "new_tokens": steps, "batch": batch, "reused_tokens": reused,
                            "seconds": seconds, "first_token_seconds": first_token_s,
                            "decode_tokens_per_s": (steps - 1) * batch / max(seconds - first_token_s, 1e-9) if steps > 1 else 0.0}
+        if step is not None:
+            self.last_stats.update(step.stats())
         return out[:, :total].clone()
 
     def verify_cost(self, batch: int, sizes=(1, 4, 8, 16, 32, 48, 64, 81), context: int = 256) -> dict[int, float]:

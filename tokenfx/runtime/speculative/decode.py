@@ -50,6 +50,12 @@ class State:
     top_k: int | None = None
     top_p: float | None = None
     generator: torch.Generator | None = None
+    # the target's buffers and this round's scratch slots (from ``write`` on), for drafters that
+    # share the target's cache (self-speculation writes its layers' K/V there while drafting)
+    cache: torch.Tensor | None = None
+    cache_mask: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    write: int = 0
 
     @property
     def root(self) -> torch.Tensor:
@@ -125,6 +131,11 @@ class Drafter:
     def update(self, state: State, draft: Draft, logits: torch.Tensor, verdict: V.Verdict) -> None:
         """Called after each verify step with the target's logits at every node."""
 
+    def verify(self, gen, tokens, positions, cache, cache_mask, tree_mask, slots) -> torch.Tensor:
+        """The target's logits ``[B, T, V]`` at every node of the proposed tree: one call of the
+        tree-verify graph (self-speculation overrides it to reuse what drafting computed)."""
+        return gen.runner("tree")(tokens, positions, cache, cache_mask, tree_mask, slots)[0]
+
 
 def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: int, temperature: float, top_k, top_p,
                          seed, stop_ids, pad, stream=None, tree_budget=None) -> torch.Tensor:
@@ -143,7 +154,6 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         drafter.set_budget(nodes)
     sizer = _Sizer(gen.verify_cost(batch), drafter) if auto else None
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    run = gen.runner("tree")
     start_time = time.perf_counter()
     cache, cache_mask, out, slots, _, logits, reused = gen._start(ids, mask, prompt + max_new_tokens + nodes)
     seq = out[:, :prompt + max_new_tokens]  # committed tokens per row (a view of the request's buffer)
@@ -162,7 +172,7 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
     cached = torch.full((batch,), prompt, dtype=torch.long, device=device)  # columns whose K/V are in the cache
     pads = prompt - mask.sum(-1)
     state = State(seq, length, pads, prompt, finished, nodes, torch.zeros(batch, dtype=torch.long, device=device),
-                  temperature, top_k, top_p, generator)
+                  temperature, top_k, top_p, generator, cache, cache_mask, slots)
     drafter.begin(state)
     rounds, row_steps, emitted_total = 0, 0, 0
     rows = torch.arange(batch, device=device)
@@ -174,6 +184,8 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         if sizer is not None:
             sizer.resize(rounds)
         round_start = time.perf_counter()
+        write = int(length.max()) - 1  # scratch after every row's cached columns (the root's slot onwards)
+        state.write = write
         draft = drafter.propose(state)
         if draft.tokens.shape[1] > nodes:
             raise GenerationError(f"drafter {drafter.name} proposed {draft.tokens.shape[1]} nodes; at most {nodes} fit")
@@ -184,12 +196,11 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
             draft = cut
             depth, tree_mask = batch_closure(draft.parents)
         t = draft.tokens.shape[1]
-        write = int(length.max()) - 1  # scratch after every row's cached columns (the root's slot onwards)
         node_positions = (positions_of(length - 1, pads)[:, None] + depth).clamp(max=gen.layout.max_positions - 1)
         tokens = torch.where(draft.valid, draft.tokens, 0)  # padding nodes: any id in the vocabulary (masked)
         call_start = time.perf_counter()
-        logits, _ = run(tokens.contiguous(), node_positions.contiguous(), cache, cache_mask, tree_mask.contiguous(),
-                        slots[write:write + t])
+        logits = drafter.verify(gen, tokens.contiguous(), node_positions.contiguous(), cache, cache_mask,
+                                tree_mask.contiguous(), slots[write:write + t])
         call_seconds = time.perf_counter() - call_start
         if sampling:
             probs = V.warp(logits, temperature, top_k, top_p)

@@ -11,8 +11,8 @@
   (greedy or sampled) or a tree (top-k children per node, or DySpec's dynamic tree: expand
   the nodes with the highest product of draft probabilities along the path until a node
   budget is spent).
-- :class:`SelfDraft` — self-speculation: the target's own first E blocks + final norm + head
-  (a weight-sharing view of the model) as the draft model.
+- self-speculation (``"self:E"``, ``"self:auto"``) drafts with the target's own first blocks
+  in the target's own cache: :mod:`tokenfx.runtime.speculative.self_spec`.
 
 :func:`make_drafter` turns the ``speculate=`` strings into drafters.
 """
@@ -363,56 +363,6 @@ class DraftModel(Drafter):
                      q[:, :count].contiguous() if q is not None else None)
 
 
-class SelfDraft(DraftModel):
-    """Self-speculation: the target's own first ``layers`` blocks + its final norm and head draft
-    (the weights are shared, nothing is copied); the rest is :class:`DraftModel`. Suited to
-    models trained with an early-exit loss, like ``tokenfx:tiny-code``. The draft keeps its own
-    cache for those layers (LayerSkip's reuse of the target's layer-E cache is the early-exit
-    work's next step)."""
-
-    def __init__(self, layers: int | None = None, **options):
-        super().__init__(None, **options)
-        self.layers = layers
-        self.name = f"self:{layers}" if layers else "self"
-
-    def prepare(self, generator) -> None:
-        if self.gen is None:
-            self.model = truncated(generator._source, self.layers)
-            self.layers = self.model.config.num_hidden_layers
-            self.name = f"self:{self.layers}"
-        super().prepare(generator)
-
-
-def truncated(model, layers: int | None):
-    """A view of a Hugging Face decoder with only its first ``layers`` blocks (default: a third),
-    sharing every weight with ``model``."""
-    import copy
-
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-        raise GenerationError("speculate='self' needs the target as a Hugging Face causal LM (not a captured graph)")
-    blocks_owner = next((m for m in model.modules() if isinstance(getattr(m, "layers", None), torch.nn.ModuleList)), None)
-    total = int(getattr(model.config, "num_hidden_layers", 0) or 0)
-    if blocks_owner is None or len(blocks_owner.layers) != total:
-        raise GenerationError(f"speculate='self': cannot find the {total} decoder blocks of {type(model).__name__}")
-    if blocks_owner is model or not any(child is blocks_owner for child in model._modules.values()):
-        raise GenerationError(f"speculate='self': {type(model).__name__}'s blocks are not one level below the model")
-    layers = max(1, total // 3) if layers is None else int(layers)
-    if not 1 <= layers < total:
-        raise GenerationError(f"speculate='self:{layers}': the exit layer must be in 1..{total - 1}")
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = layers
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:layers]
-    owner = copy.copy(blocks_owner)
-    owner._modules = dict(owner._modules)  # a copy's own module table: the target keeps all its blocks
-    owner.layers = torch.nn.ModuleList(list(blocks_owner.layers)[:layers])
-    owner.config = config
-    view = copy.copy(model)
-    view._modules = {name: (owner if child is blocks_owner else child) for name, child in model._modules.items()}
-    view.config = config
-    return view
-
-
 def _sample_without_replacement(p: torch.Tensor, k: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` distinct draws from each row of ``p``, in draw order (sequential: each from p with the
     earlier draws removed, renormalised), and whether each draw had mass left (top-k / top-p
@@ -431,7 +381,7 @@ def _sample_without_replacement(p: torch.Tensor, k: int, generator) -> tuple[tor
 
 def make_drafter(spec, *, tree=None, compile: bool | None = None) -> Drafter:
     """A Drafter from ``speculate=``: a Drafter object, or ``"recycling"``, ``"lookup"``, ``"draft"``,
-    ``"draft:<model spec>"``, ``"draft-tree[:<model spec>]"``, ``"dynamic[:<model spec>]"``, ``"self[:<layer>]"``.
+    ``"draft:<model spec>"``, ``"draft-tree[:<model spec>]"``, ``"dynamic[:<model spec>]"``, ``"self[:<layer>|auto]"``.
     ``tree``: a :class:`Tree` template for recycling."""
     if isinstance(spec, Drafter):
         return spec
@@ -446,13 +396,14 @@ def make_drafter(spec, *, tree=None, compile: bool | None = None) -> Drafter:
         mode = {"draft": "chain", "draft-tree": "tree", "dynamic": "dynamic"}[name]
         return DraftModel(arg or "tokenfx:tiny-code-draft", mode=mode, compile=compile)
     if name == "self":
-        if arg == "auto":
-            raise GenerationError("speculate='self:auto' (DEL's choice of the exit layer) is not built yet; "
-                                  "give the layer, e.g. 'self:2'")
+        from tokenfx.runtime.speculative.self_spec import SelfSpeculation
+
+        if arg in ("", "auto"):
+            return SelfSpeculation(arg or None)
         try:
-            layers = int(arg) if arg else None
+            layer = int(arg)
         except ValueError:
-            raise GenerationError(f"speculate='self:{arg}': the exit layer must be a number") from None
-        return SelfDraft(layers, compile=compile)
+            raise GenerationError(f"speculate='self:{arg}': the exit layer must be a number or 'auto'") from None
+        return SelfSpeculation(layer)
     raise GenerationError(f"unknown speculate={spec!r}; choose recycling, lookup, draft[:MODEL], draft-tree[:MODEL], "
-                          "dynamic[:MODEL], self[:LAYER] or pass a Drafter")
+                          "dynamic[:MODEL], self[:LAYER|auto] or pass a Drafter")
