@@ -141,3 +141,26 @@ def test_partition_refuses_a_value_crossing_the_cut():
     EE.partition(graph, [1, 3])  # after block 0 the stash is the residual stream itself: a valid cut
     with pytest.raises(MappingError, match="cannot stop after block 1"):
         EE.partition(graph, [2, 3])
+
+
+def test_onnx_export_with_exit_heads(tmp_path):
+    """The output-cache decode graph with exit heads exports to ONNX and runs in onnxruntime with
+    the same logits, new K/V and exit logits (a batch and cache length the export never saw)."""
+    import tokenfx
+    from tokenfx.frontends.onnx import run_onnxruntime
+
+    decode = optimize(decoder_graph(llama(layers=3)), [KVCache(mode="decode", logits="all")])
+    graph = optimize(decode, "early_exit(layers=[1, 2])")
+    path = tokenfx.export_onnx(graph, tmp_path / "exits.onnx")
+    g = torch.Generator().manual_seed(2)
+    b, past, t = 3, 6, 2
+    args = {"tokens": torch.randint(0, 100, (b, t), generator=g),
+            "positions": (torch.arange(t) + past).expand(b, t).contiguous(),
+            "kv_cache": torch.randn(graph.kv.cache_shape(b, past), generator=g),
+            "cache_mask": torch.ones(b, past, dtype=torch.long), "token_mask": torch.ones(b, t, dtype=torch.long)}
+    with torch.no_grad():
+        ref = graph.gm(*args.values())
+    outs = run_onnxruntime(path, args)
+    assert len(outs) == 3 and tuple(outs[2].shape) == (3, b, t, 100)
+    for r, o in zip(ref, outs):
+        torch.testing.assert_close(torch.as_tensor(o), r, atol=1e-4, rtol=1e-4)

@@ -32,7 +32,6 @@ is refused with the names of the values that cross.
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import torch
 import torch.fx
@@ -246,6 +245,14 @@ def _float_dtype(graph: ModelGraph) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+def train_adapter(model, layer: int, data, **options):
+    """Kangaroo's trained exit head (one decoder layer + norm before the shared LM head), distilled
+    from the full model: :func:`tokenfx.runtime.speculative.adapter.train_adapter`."""
+    from tokenfx.runtime.speculative.adapter import train_adapter as train
+
+    return train(model, layer, data, **options)
 
 
 # -- the pass -------------------------------------------------------------------------------------------
