@@ -70,7 +70,7 @@ def test_rewrite_pt2(capsys, tmp_path):
     "argv, message",
     [
         (["rewrite", "factories:tiny_bert", "--passes", "fuse_norm,,x"], "position 10"),
-        (["rewrite", "factories:tiny_bert", "--passes", "fuse_nrom"], "valid passes: fuse_norm"),
+        (["rewrite", "factories:tiny_bert", "--passes", "fuse_nrom"], "valid passes: early_exit, fuse_norm"),
         (["rewrite", "factories:tiny_bert", "--passes", "fuse_norm(bogus=1)"], "valid options: final_norm"),
         (["rewrite", "/no/such/model", "--passes", "fuse_norm"], "no such model file or directory"),
         (["rewrite", "factories:mlp_only", "--passes", "fuse_norm"], "no attention core found"),
@@ -153,7 +153,23 @@ def test_generate_streams_the_prompt_and_continuation(capsys, tmp_path):
     assert "tokens/s" in err
 
 
+def test_generate_early_exit_is_marked_approximate(capsys):
+    code, out, err = run(capsys, "generate", "tokenfx:tiny-code", "--prompt", "def parse(line):\n    ", "--max-new-tokens",
+                         "6", "--early-exit", "0.0", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["approximate"] is True and data["mean_layers"] == 1.0  # threshold 0: every token exits at block 1
+    assert data["early_exit"]["threshold"] == 0.0 and data["early_exit"]["measure"] == "softmax"
+    code, out, err = run(capsys, "generate", "tokenfx:tiny-code", "--prompt", "x", "--max-new-tokens", "4",
+                         "--skip-decode", "6")
+    assert code == 0 and "APPROXIMATE early exit: 6.00 of 6 blocks per token" in " ".join(err.split())
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["generate", "tokenfx:tiny-code", "--prompt", "x", "--early-exit", "1.5"], "threshold must be in [0, 1], got 1.5"),
+    (["generate", "tokenfx:tiny-code", "--prompt", "x", "--early-exit", "0.5", "--speculate", "self:2"], "do not combine"),
+    (["generate", "tokenfx:tiny-code", "--prompt", "x", "--exit-measure", "state"], "--exit-measure needs --early-exit"),
+    (["generate", "tokenfx:tiny-code", "--prompt", "x", "--speculate", "self:9"], "exit layer must be in 1 … 5"),
     (["generate", "factories:tiny_llama", "--prompt", "x"], "has no tokenizer"),
     (["generate", "tokenfx:nope", "--prompt", "x"], "unknown bundled model"),
     (["generate", "tokenfx:tiny-code"], "exactly one of --prompt"),

@@ -81,7 +81,7 @@ class SkipDecode:
             raise GenerationError(f"early_exit: SkipDecode warmup ({self.warmup}) must be in 1 … min_layers "
                                   f"({self.min_layers})")
         span = max(steps - 1, 1)
-        return [int(math.ceil(top - (top - self.min_layers) * t / span)) for t in range(steps)]
+        return [int(round(top - (top - self.min_layers) * t / span)) for t in range(steps)]
 
     def blocks(self, n: int, num_blocks: int) -> tuple[range, range]:
         """The blocks a token with ``n`` layers runs: the warm-up ones, then the last ``n - warmup``."""
