@@ -105,33 +105,24 @@ def _anatomy(graph: ModelGraph) -> _Anatomy:
 
 
 def partition(graph: ModelGraph, layers) -> ExitPlan:
-    """The stage partition for exits after ``layers`` blocks, checked on the dataflow graph."""
-    import networkx as nx
+    """The stage partition for exits after ``layers`` blocks, checked on the dataflow graph
+    (:mod:`tokenfx.ir.analysis`): only the residual stream may cross a stage boundary."""
+    from tokenfx.ir import analysis
 
     a = _anatomy(graph)
     num_blocks = len(a.hidden) - 1
     layers = exit_layers(num_blocks, layers)
-    dag = nx.DiGraph()
-    for node in graph.gm.graph.nodes:
-        dag.add_node(node)
-        for src in node.all_input_nodes:
-            dag.add_edge(src, node)
-    sinks = [a.logits, *(w for ws in a.writes for w in ws)]
-    live = set(sinks).union(*(nx.ancestors(dag, n) for n in sinks))
-    stream = (nx.descendants(dag, a.hidden[0]) | {a.hidden[0]}) & live
-    context = sorted({src for n in stream for src in n.all_input_nodes
-                      if src not in stream and src.op == "call_function"}, key=lambda n: n.name)
+    dag = analysis.dataflow(graph.gm)
+    flow = analysis.stream(dag, a.hidden[0], [a.logits, *(w for ws in a.writes for w in ws)])
     for boundary in layers[:-1]:
         h = a.hidden[boundary]
-        before = {h}.union(nx.ancestors(dag, h), *(nx.ancestors(dag, w) | {w} for ws in a.writes[:boundary] for w in ws))
-        before &= stream
-        crossing = {u for u in before for v in dag.successors(u) if v in stream and v not in before}
-        if crossing - {h}:
-            names = ", ".join(sorted(n.name for n in crossing - {h}))
+        cut = analysis.stage_cut(dag, flow, h, [w for ws in a.writes[:boundary] for w in ws])
+        if cut.crossing - {h}:
+            names = ", ".join(sorted(n.name for n in cut.crossing - {h}))
             raise MappingError(f"early_exit: cannot stop after block {boundary - 1}: besides the residual stream, "
                                f"{names} cross(es) into later blocks")
     starts = (0,) + layers[:-1]
-    return ExitPlan(layers, num_blocks, tuple(zip(starts, layers)), tuple(n.name for n in context))
+    return ExitPlan(layers, num_blocks, tuple(zip(starts, layers)), tuple(n.name for n in analysis.context(flow)))
 
 
 # -- pieces ----------------------------------------------------------------------------------------------
