@@ -31,6 +31,9 @@ def test_greedy_is_token_identical(tiny_code, spec):
         out = gen.generate(ids, attention_mask=mask, max_new_tokens=24, speculate=spec)
         assert torch.equal(out, ref), (spec, [r.tolist() for r in rows])
         assert gen.last_stats["drafter"] == spec and gen.last_stats["accepted_per_step"] > 1.0
+    for budget in (1, 2):  # a tree budget caps the chain (1: plain rounds through the same graphs)
+        out = gen.generate(ids, attention_mask=mask, max_new_tokens=24, speculate=spec, tree_budget=budget)
+        assert torch.equal(out, ref) and gen.last_stats["accepted_per_step"] <= budget
 
 
 @pytest.mark.parametrize("make", [lambda: llama(layers=4), lambda: gpt2(layers=4)], ids=["llama", "gpt2"])

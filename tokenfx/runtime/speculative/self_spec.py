@@ -124,11 +124,11 @@ class SelfSpeculation(Drafter):
         stages = self.gen.stages
         exit_, d = self.plan()
         self.exit, self.shadow = exit_, self.auto and self.rounds % self.shadow_every == 0
+        d = min(d, state.max_nodes - 1, int(state.max_depth.max()))  # tree_budget, tokens still allowed
         self._planned = (exit_, d)
-        if d == 0:  # plain decoding: the root alone, verified by the whole model
+        if d < 1:  # plain decoding: the root alone, verified by the whole model
             self._hidden = None
             return Draft.from_tree(Tree.chain(0), state.root[:, None])
-        d = max(1, min(d, state.max_nodes - 1, int(state.max_depth.max())))
         b = state.tokens.shape[0]
         device = state.tokens.device
         write, cache, cache_mask, slots = state.write, state.cache, state.cache_mask, state.slots
