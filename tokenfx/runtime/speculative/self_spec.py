@@ -35,6 +35,7 @@ target accepted (decayed counts: recent text weighs more).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -128,7 +129,7 @@ class SelfSpeculation(Drafter):
         self._planned = (exit_, d)
         if d < 1:  # plain decoding: the root alone, verified by the whole model
             self._hidden = None
-            return Draft.from_tree(Tree.chain(0), state.root[:, None])
+            return Draft.from_tree(_chain(0), state.root[:, None])
         b = state.tokens.shape[0]
         device = state.tokens.device
         write, cache, cache_mask, slots = state.write, state.cache, state.cache_mask, state.slots
@@ -157,8 +158,7 @@ class SelfSpeculation(Drafter):
                 d = j  # Kangaroo: the draft is unsure; one more step computes the last token's blocks < E
         cache_mask[:, write:write + d] = 0  # scratch again: verification places the chain by its tree mask
         self._hidden = torch.cat(hidden, 1)  # [B, d + 1, C]: the residual stream after block E - 1
-        chain = Tree.chain(d)
-        draft = Draft.from_tree(chain, torch.stack(tokens, 1))
+        draft = Draft.from_tree(_chain(d), torch.stack(tokens, 1))
         if sampling:
             v = qs[0].shape[-1]
             q = torch.zeros(b, d + 1, v, device=device)
@@ -206,6 +206,12 @@ class SelfSpeculation(Drafter):
             decay = 0.9  # recent rounds count more: acceptance drifts with the text
             self.hits[:-1] = decay * self.hits[:-1] + agree.sum((0, 2)).float()
             self.tries[:-1] = decay * self.tries[:-1] + n
+
+
+@functools.lru_cache(maxsize=None)
+def _chain(d: int) -> Tree:
+    """The chain template of ``d`` drafts (its closure computed once, not every round)."""
+    return Tree.chain(d)
 
 
 def _measure_costs(gen, length: int, context: int = 128) -> dict:
