@@ -108,7 +108,7 @@ from tokenfx.runtime.speculative.adapter import (AdapterDraft, ExitAdapter, _fre
 from tokenfx.runtime.speculative.decode import Drafter  # noqa: E402
 from tokenfx.runtime.speculative.self_spec import SelfSpeculation  # noqa: E402
 from generate import aoti_files, held_out_tokens  # noqa: E402  (benchmarks/, next to this script)
-from machine import machine_info  # noqa: E402
+from machine import machine_info, save_figure  # noqa: E402
 from speculative import completion_prompts, held_out_files  # noqa: E402
 
 MODEL = "tiny-code"
@@ -443,13 +443,7 @@ def plot(results: dict, path: Path) -> None:
     ax_s.set_title("lossless drafters: self-speculation (stop 0.3 / no stop), Kangaroo adapters;\n"
                    "speed-up, accepted/step", fontsize=10)
     ax_s.margins(y=0.15)
-    machine = results["machine"]
-    cpu = machine["cpu_model"] or machine["processor"] or machine["machine"]
-    fig.suptitle(f"early exit, tiny-code (Llama 5.3 M, 6 layers, LayerSkip-trained), fp32, compiled, CPU: {cpu}, "
-                 f"{machine['cpu_count']} cores, {machine['torch_threads']} torch thread(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, results["machine"], "early exit, tiny-code (Llama 5.3 M, 6 layers, LayerSkip-trained), fp32, compiled")
 
 
 def main(argv=None) -> None:

@@ -56,3 +56,15 @@ def source_fingerprint() -> dict:
     except (OSError, subprocess.SubprocessError):
         head, dirty = None, None
     return {"git_head": head, "uncommitted_changes": dirty, "py_sha256": h.hexdigest()[:16]}
+
+
+def save_figure(fig, path, machine: dict, title: str) -> None:
+    """Title ``fig`` with what ran and on which CPU (``machine_info()``), write it to ``path``, close it."""
+    import matplotlib.pyplot as plt
+
+    cpu = machine["cpu_model"] or machine["processor"] or machine["machine"]
+    fig.suptitle(f"{title}, CPU: {cpu}, {machine['cpu_count']} cores, {machine['torch_threads']} torch thread(s)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

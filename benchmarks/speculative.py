@@ -80,7 +80,7 @@ import tokenfx  # noqa: E402
 from tokenfx.runtime import executor  # noqa: E402
 from tokenfx.runtime.generate import Generator, load_tokenizer  # noqa: E402
 from generate import aoti_files, compare  # noqa: E402  (benchmarks/generate.py, next to this script)
-from machine import machine_info  # noqa: E402
+from machine import machine_info, save_figure  # noqa: E402
 
 MODEL, DRAFT = "tiny-code", "tiny-code-draft"
 KINDS = ("completion", "edit")
@@ -385,13 +385,7 @@ def plot(results: dict, path: Path) -> None:
         ax_c.set_ylim(bottom=0)
     else:
         ax_c.axis("off")
-    machine = results["machine"]
-    cpu = machine["cpu_model"] or machine["processor"] or machine["machine"]
-    fig.suptitle(f"speculative decoding, tiny-code (Llama 5.3 M) + tiny-code-draft, fp32, CPU: {cpu}, "
-                 f"{machine['cpu_count']} cores, {machine['torch_threads']} torch thread(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, results["machine"], "speculative decoding, tiny-code (Llama 5.3 M) + tiny-code-draft, fp32")
 
 
 def main(argv=None) -> None:
