@@ -137,21 +137,14 @@ def piece(graph: ModelGraph, start: int, stop: int, head: bool = False, trace: b
     num_blocks = len(a.hidden) - 1
     if not 0 <= start <= stop <= num_blocks or (start == stop and not head):
         raise PassOptionError(f"early_exit: no piece [{start}, {stop}) of a {num_blocks}-block model")
-    new = graph.clone()
+    new, env, h = _copy(graph, a, start, stop, hidden_input=start > 0)
     g = new.gm.graph
-    env = _node_map(graph.gm.graph, g)
     hidden = [env[n] for n in a.hidden]
-    outputs = []
-    if start > 0:
-        h = _add_input(g, "hidden")
+    if h is not None:
         hidden[start].replace_all_uses_with(h)
         hidden[start] = h
     out = hidden[stop]
-    outputs.append(out)
-    for layer, ws in enumerate(a.writes):
-        if not start <= layer < stop:
-            for w in ws:
-                _drop_sink(g, env[w])
+    outputs = [out]
     if head:
         logits = env[a.logits]
         if stop < num_blocks:
@@ -175,28 +168,29 @@ def kv_fill(graph: ModelGraph, start: int, stop: int) -> ModelGraph:
         raise PassOptionError(f"early_exit: no blocks [{start}, {stop}) to fill in a {num_blocks}-block model")
     if not any(w.op == "call_function" and "kv_write" in str(w.target) for ws in a.writes for w in ws):
         raise PassOptionError("early_exit: kv_fill needs a graph that writes its cache (cache_update='inplace')")
-    new = graph.clone()
-    g = new.gm.graph
-    env = _node_map(graph.gm.graph, g)
-    h = _add_input(g, "hidden")
-    for layer in range(num_blocks):
-        if start <= layer < stop:
-            env[a.hidden[layer]].replace_all_uses_with(h)
-        else:
-            for w in a.writes[layer]:
-                _drop_sink(g, env[w])
+    new, env, h = _copy(graph, a, start, stop, hidden_input=True)
+    for layer in range(start, stop):
+        env[a.hidden[layer]].replace_all_uses_with(h)
     return _finish(new, graph, (), extra_hidden=True)
 
 
-def _node_map(old: torch.fx.Graph, new: torch.fx.Graph) -> dict[Node, Node]:
-    """Clones copy nodes in order: pair them up."""
-    return dict(zip(old.nodes, new.nodes))
-
-
-def _add_input(g: torch.fx.Graph, name: str) -> Node:
-    last = [n for n in g.nodes if n.op == "placeholder"][-1]
-    with g.inserting_after(last):
-        return g.placeholder(name)
+def _copy(graph: ModelGraph, a: _Anatomy, start: int, stop: int, hidden_input: bool):
+    """A clone of ``graph`` where only blocks ``[start, stop)`` write the cache, the map from
+    ``graph``'s nodes to the clone's (clones copy nodes in order), and a new last input
+    ``hidden`` when asked."""
+    new = graph.clone()
+    g = new.gm.graph
+    env = dict(zip(graph.gm.graph.nodes, g.nodes))
+    for layer, ws in enumerate(a.writes):
+        if not start <= layer < stop:
+            for w in ws:
+                _drop_sink(g, env[w])
+    h = None
+    if hidden_input:
+        last = [n for n in g.nodes if n.op == "placeholder"][-1]
+        with g.inserting_after(last):
+            h = g.placeholder("hidden")
+    return new, env, h
 
 
 def _drop_sink(g: torch.fx.Graph, node: Node) -> None:
