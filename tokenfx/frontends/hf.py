@@ -64,3 +64,25 @@ def max_tokens(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+class SentenceEmbedder(torch.nn.Module):
+    """A Hugging Face encoder + masked mean pooling (sentence-transformers' default), as one
+    module: ``forward(input_ids, attention_mask) → [B, C]`` (L2-normalised when ``normalize``).
+
+    Capturing the pooling with the encoder lets token-reduction passes keep it exact: a merged
+    token stands for ``size`` tokens, so the pass turns the mean into a size-weighted mean.
+    """
+
+    def __init__(self, model, normalize: bool = True):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.normalize = normalize
+        self.train(model.training)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        weight = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled

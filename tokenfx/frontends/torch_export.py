@@ -49,6 +49,9 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True, dyn
             names = [p for p in inspect.signature(model.forward).parameters][: len(args)]
             kwargs, args = dict(zip(names, args)), ()
         module = hf.wrap(model, list(kwargs))
+    elif hf.is_hf_model(getattr(model, "model", None)):  # a wrapper around one (hf.SentenceEmbedder)
+        config = model.model.config
+        family = getattr(config, "model_type", family) or family
     was_training = model.training
     module.eval()
 
