@@ -67,7 +67,7 @@ class Pass:
 # -- registry ---------------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Pass]] = {}
 _PASS_MODULES = ("tokenfx.passes.fuse_norm", "tokenfx.passes.kv_cache", "tokenfx.passes.tree_verify",
-                  "tokenfx.passes.early_exit")
+                  "tokenfx.passes.early_exit", "tokenfx.passes.token_merge")
 
 
 def register(cls: type[Pass]) -> type[Pass]:

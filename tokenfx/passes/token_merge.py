@@ -1,0 +1,88 @@
+"""``token_merge``: ToMe's bipartite soft matching inside every selected block.
+
+Contract: approximate (r = 0 everywhere leaves the graph untouched). Preconditions: a
+bidirectional encoder with SDPA attention (BERT-style text encoders, ViT); decoders are
+refused (merging would break their cache).
+
+Before (one post-norm block)::
+
+    h = layer_norm(attn_out + x)                  # after the attention residual
+    y = layer_norm(mlp(h) + h)
+
+After ``token_merge(r=8)`` (the same in pre-norm blocks, on the residual add)::
+
+    h = layer_norm(attn_out + x)                                       # [B, N, C]
+    role         = A/B alternately over the row's participating tokens (not CLS, not pads)
+    score, match = tokenfx.bipartite_match(metric, role)               # cosine, best B per A
+    assign, keep = tokenfx.reduction_plan(score, match, role, real, 8, True)
+    h, size      = tokenfx.merge_tokens(h, size, assign, 8)           # [B, N - 8, C], size-weighted
+    y = layer_norm(mlp(h) + h)
+    ... every later block: sdpa(q, k, v, attn_mask=where(real, log(size), -inf))
+
+The steps (ToMe §3): the metric is the block's keys averaged over heads (``metric="keys"``,
+ToMe's choice) or the hidden states at the merge point (``metric="hidden"``; measured far
+better on a sentence embedder, see benchmarks/token_reduction.py); A and B alternate; each A
+token's best B match by cosine; the r best-matched A tokens merge into their match by
+size-weighted average; CLS (``protect``) never merges. Proportional attention adds
+``log(size)`` to every later attention's keys as SDPA's float mask (``proportional=False``
+drops it). Padded text batches, pooling, ``unmerge`` and how a second reduction pass joins
+the chain: :mod:`tokenfx.ir.token_reduction`.
+
+``r`` is an int for every block, a per-block list, or with ``inflect`` a linear ramp with
+the same total (``inflect > 0``: more merging in later blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tokenfx.errors import PassOptionError
+from tokenfx.ir import token_reduction as T
+from tokenfx.passes.base import Pass, PassResult, register
+
+METRICS = ("keys", "hidden")
+
+
+@register
+class TokenMerge(Pass):
+    """Bipartite soft matching (ToMe) after each block's attention; approximate."""
+
+    name = "token_merge"
+    contract = "approximate"
+
+    @dataclasses.dataclass
+    class Options:
+        r: int | list[int] = 8  # tokens merged per block: int, or one per block
+        inflect: float = 0.0  # ramp an int r: r·(1 - inflect) first … r·(1 + inflect) last
+        metric: str = "keys"  # "keys" (ToMe) or "hidden"
+        proportional: bool = True  # add log(size) to later attention's keys
+        protect: list[int] = dataclasses.field(default_factory=lambda: [0])  # positions that never merge (CLS)
+        unmerge: bool = False  # copy merged values back so outputs keep the input's N tokens
+
+    def run(self, graph):
+        o = self.options
+        if o.metric not in METRICS:
+            raise PassOptionError(f"token_merge: metric must be one of {METRICS}, got {o.metric!r}")
+        graph = graph.clone()
+        blocks = graph.structure.blocks
+        plan = T.schedule(o.r, len(blocks), o.inflect)
+        if not any(plan):
+            return PassResult(graph, matched=[], stats={"r": plan})
+        chain = T.Chain(graph, tuple(int(p) for p in o.protect), o.unmerge)
+        matched = []
+        for index, r in enumerate(plan):
+            if r == 0:
+                continue
+            T.check_cap(chain, index, r)
+            attention = blocks[index].attention[0]
+
+            def roles(x, state):
+                return T.participating_parity(chain.g, state.part)
+
+            def metric(x, attention=attention):
+                return x if o.metric == "hidden" else T.keys_metric(chain.g, attention)
+
+            chain.insert(index, r, "merge", roles, metric, o.proportional)
+            matched.append(f"{blocks[index].name}: merge {r}")
+        matched += chain.finish()
+        return PassResult(graph, matched=matched, stats={"r": plan, "metric": o.metric})
