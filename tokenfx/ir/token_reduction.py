@@ -146,7 +146,7 @@ class Chain:
         return A.val(x).shape[1]
 
     # -- the step ------------------------------------------------------------------------------------
-    def insert(self, index: int, r: int, kind: str, roles, metric, proportional: bool) -> Step:
+    def insert(self, index: int, r, kind: str, roles, metric, proportional: bool) -> Step:
         """Insert a step at block ``index``. ``roles(x, state) -> role node`` and ``metric(x) ->
         metric node`` build the pass's own choice (called with the insertion point set)."""
         state, x = self.state_at(index)
@@ -154,6 +154,8 @@ class Chain:
         n_before = self.tokens(x)
         existing = set(g.nodes)
         with g.inserting_before(x.next):
+            if callable(r):  # a count computed from the tokens reaching the step (keep ratios)
+                r = r(x)
             role = roles(x, state)
             score_match = g.call_function(tfx.bipartite_match.default, (metric(x), role))
             score = g.call_function(operator.getitem, (score_match, 0))
@@ -165,13 +167,8 @@ class Chain:
             batch = g.call_function(aten.sym_size.int, (x, 0))
             if kind == "merge":
                 merged = g.call_function(tfx.merge_tokens.default, (x, state.size, assign, r))
-                out = g.call_function(operator.getitem, (merged, 0))
                 size = g.call_function(operator.getitem, (merged, 1))
             else:  # prune: survivors keep their values; each partner now also stands for what it absorbed
-                width = g.call_function(aten.sym_size.int, (x, 2))
-                index3 = g.call_function(aten.expand.default, (g.call_function(aten.unsqueeze.default, (keep, -1)),
-                                                                [batch, kept, width]))
-                out = g.call_function(aten.gather.default, (x, 1, index3))
                 slots = g.call_function(operator.add, (kept, 1))
                 zeros = g.call_function(aten.new_zeros.default, (state.size, [batch, slots]))
                 summed = g.call_function(aten.scatter_add.default, (zeros, 1, assign, state.size))
@@ -182,15 +179,26 @@ class Chain:
             route = g.call_function(aten.cat.default, ([assign, trash], 1))
             origin = g.call_function(aten.gather.default, (route, 1, state.origin))
             bias = self._bias(real, size, proportional, A.val(x).dtype)
+            # the reduced stream comes last, so re-deriving sizes "after it" leaves the step's
+            # own count arithmetic (slice ends, the discard index) alone
+            if kind == "merge":
+                out = g.call_function(operator.getitem, (merged, 0))
+            else:
+                width = g.call_function(aten.sym_size.int, (x, 2))
+                index3 = g.call_function(aten.expand.default, (g.call_function(aten.unsqueeze.default, (keep, -1)),
+                                                                [batch, kept, width]))
+                out = g.call_function(aten.gather.default, (x, 1, index3))
         new_nodes = set(g.nodes) - existing
         _inherit_module_path(new_nodes, x)
         order = {n: i for i, n in enumerate(g.nodes)}
-        end = max(order[n] for n in new_nodes)
+        end = order[out]
         # everything after the step reads the new stream and the new state
         for user in list(x.users):
             if user not in new_nodes:
                 user.replace_input_with(x, out)
         new_state = State(size, real, part, origin, bias)
+        for node in _fields(new_state):
+            node.meta["tokenfx_keep"] = True  # a later reduction pass may continue from here
         for old, new in zip(_fields(state), _fields(new_state)):
             if old is None:
                 continue
@@ -252,6 +260,8 @@ class Chain:
             origin = g.call_function(aten.clone.default, (origin,))
         _inherit_module_path(set(g.nodes) - existing, x)
         _fake_values(self.gm, set(g.nodes) - existing)
+        for node in (size, real, part, origin):
+            node.meta["tokenfx_keep"] = True
         return State(size, real, part, origin, None)
 
     # -- after the last block ------------------------------------------------------------------------

@@ -67,7 +67,8 @@ class Pass:
 # -- registry ---------------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Pass]] = {}
 _PASS_MODULES = ("tokenfx.passes.fuse_norm", "tokenfx.passes.kv_cache", "tokenfx.passes.tree_verify",
-                  "tokenfx.passes.early_exit", "tokenfx.passes.token_merge")
+                  "tokenfx.passes.early_exit", "tokenfx.passes.token_merge",
+                  "tokenfx.passes.token_prune")
 
 
 def register(cls: type[Pass]) -> type[Pass]:
@@ -299,7 +300,8 @@ class PassManager:
             start = time.perf_counter()
             result = p.run(work)
             new = result.graph
-            new.gm.graph.eliminate_dead_code()
+            # values a later pass builds on (a token reduction chain's state) stay, even if unread now
+            new.gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get("tokenfx_keep", False))
             new.invalidate()  # lint + recompile
             propagate(new.gm)  # shapes agree with the rewritten graph
             seconds = time.perf_counter() - start
