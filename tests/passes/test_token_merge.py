@@ -193,7 +193,9 @@ def test_errors_name_the_problem():
         tokenfx.optimize(tokenfx.capture(bert(2), token_inputs(2, 9)), "token_merge(r=2)")
     vit_graph = tokenfx.capture(vit(2), image_inputs(2))
     with pytest.raises(PassOptionError, match="r may be at most 8"):  # 17 tokens, CLS protected
-        tokenfx.optimize(vit_graph, "token_merge(r=9, unmerge=True)")
+        tokenfx.optimize(vit_graph, "token_merge(r=[9, 0], unmerge=True)")
+    clamped = tokenfx.optimize(vit_graph, "token_merge(r=6, unmerge=True)")  # a constant r is capped, as ToMe does
+    assert [n.args[3] for n in clamped.graph.nodes if n.target is tfx.merge_tokens.default] == [6, 2]
     with pytest.raises(MappingError, match="causal"):
         tokenfx.optimize(tokenfx.capture(llama(), token_inputs(2, 7)), "token_merge(r=1)")
     merged = tokenfx.optimize(graph, "token_merge(r=4)").module()

@@ -457,15 +457,20 @@ def schedule(r, num_blocks: int, inflect: float = 0.0, name: str = "r") -> list[
     return values
 
 
-def check_cap(chain: Chain, index: int, r: int) -> None:
-    """ToMe's cap: a step may remove at most half of the tokens that can take part."""
+def check_cap(chain: Chain, index: int, r: int, clamp: bool = False) -> int:
+    """ToMe's cap: a step removes at most half of the tokens that can take part. With a static
+    token count an over-large r is clamped (``clamp``, ToMe's behaviour for a constant r) or
+    refused (an explicit per-block count); a dynamic count is checked when the graph runs."""
     _, x = chain.state_at(index)
     n = chain.tokens(x)
     if isinstance(n, int):
-        cap = (n - len(chain.protect)) // 2
+        cap = max((n - len(chain.protect)) // 2, 0)
         if r > cap:
+            if clamp:
+                return cap
             raise PassOptionError(f"r={r} at block {chain.structure.blocks[index].name}: only {n} tokens reach it "
                                   f"({len(chain.protect)} protected), so r may be at most {cap}")
+    return r
 
 
 def _check_structure(structure) -> None:

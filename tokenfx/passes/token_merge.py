@@ -71,9 +71,9 @@ class TokenMerge(Pass):
         chain = T.Chain(graph, tuple(int(p) for p in o.protect), o.unmerge)
         matched = []
         for index, r in enumerate(plan):
+            r = T.check_cap(chain, index, r, clamp=not isinstance(o.r, (list, tuple)))
             if r == 0:
                 continue
-            T.check_cap(chain, index, r)
             attention = blocks[index].attention[0]
 
             def roles(x, state):

@@ -104,8 +104,9 @@ class TokenPrune(Pass):
                 def r_step(x):
                     return _keep_count(chain.g, x, o.keep)
             else:
-                T.check_cap(chain, index, r)
-                r_step = r
+                r_step = T.check_cap(chain, index, r, clamp=not isinstance(o.r, (list, tuple)))
+                if r_step == 0:
+                    continue
 
             def roles(x, state, probs=probs, steps=iterations[index]):
                 return _importance_roles(chain.g, probs, state, steps, o.cls_weight, o.head_band)
