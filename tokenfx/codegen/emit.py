@@ -45,6 +45,16 @@ def kernel_specialisations(gm: torch.fx.GraphModule) -> dict[str, tuple[str, dic
             tree = f"_T{tree_size}" if tree_size is not None else ""
             name = f"tree_attention_D{kwargs['head_dim']}_G{kwargs['group']}{tree}_{dtype}.py"
             out[name] = (spec.triton_module, kwargs)
+        elif spec.name in ("bipartite_match", "merge_tokens"):
+            val = node.args[0].meta["val"]
+            dtype = str(val.dtype).replace("torch.", "")
+            kwargs = dict(op=spec.name, dtype=dtype, channels=int(val.shape[-1]))
+            out[f"{spec.name}_C{kwargs['channels']}_{dtype}.py"] = (spec.triton_module, kwargs)
+        elif spec.name == "attention_pagerank":
+            dtype = str(node.args[0].meta["val"].dtype).replace("torch.", "")
+            iterations, cls_weight = int(node.args[2]), bool(node.args[3])
+            kwargs = dict(op=spec.name, dtype=dtype, iterations=iterations, cls_weight=cls_weight)
+            out[f"attention_pagerank_it{iterations}{'_cls' if cls_weight else ''}_{dtype}.py"] = (spec.triton_module, kwargs)
     return out
 
 

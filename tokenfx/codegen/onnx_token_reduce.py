@@ -78,22 +78,37 @@ def bipartite_match(metric, role):
     return score, match
 
 
-def reduction_plan(score, match, role, real, r: int, merge: bool):
+def _count(r):
+    """A token count as a 1-D int64 ``[1]``: a Python int, or a graph value (a ratio schedule's
+    count computed from the symbolic token dim)."""
+    if isinstance(r, int):
+        return _ints(r)
+    return op.Reshape(_cast(r, _INT64), _ints(1))
+
+
+def reduction_plan(score, match, role, real, r, merge: bool, quota=None):
     """``(assign [B, N] i64, keep [B, N - r] i64)``: each row removes exactly ``r`` tokens."""
-    r = int(r)
     index = _arange_like(score)  # [B, N]
-    if r == 0:  # nothing removed: every token keeps its place (and TopK with k=0 is avoided)
+    if isinstance(r, int) and r == 0:  # nothing removed: every token keeps its place (and TopK with k=0 is avoided)
         return index, op.Identity(index)
+    count = _count(r)
     score = _cast(score, _FLOAT)
     candidate = op.And(_role_is(role, 1), op.Greater(score, _scalar(_NEG)))
     pad = op.Not(_cast(real, _BOOL))
+    first = candidate
+    if quota is not None:  # a row's best `quota` candidates first, then its pads, then its other candidates
+        n_all = _dim(score, 1)
+        _, ranked = op.TopK(op.Where(candidate, score, _scalar(_NEG)), n_all, axis=-1, largest=1, sorted=1)
+        rank = op.ScatterElements(index, ranked, index, axis=1)
+        first = op.And(candidate, op.Less(rank, op.Unsqueeze(_cast(quota, _INT64), _ints(-1))))
+    later = op.Where(candidate, op.Sub(score, _scalar(2.0)), _scalar(_NEG))
     # priority tiers as the reference: matched A tokens (score + 4 in [3, 5]) before pads (1)
-    priority = op.Where(candidate, op.Add(score, _scalar(4.0)), op.Where(pad, _scalar(1.0), _scalar(_NEG)))
-    _, removed_idx = op.TopK(priority, _ints(r), axis=-1, largest=1, sorted=1)  # [B, r], ties → lower index
+    priority = op.Where(first, op.Add(score, _scalar(4.0)), op.Where(pad, _scalar(1.0), later))
+    _, removed_idx = op.TopK(priority, count, axis=-1, largest=1, sorted=1)  # [B, r], ties → lower index
     removed = op.ScatterElements(op.Mul(index, _int(0)), removed_idx,
                                  op.Expand(_int(1), op.Shape(removed_idx)), axis=1)  # [B, N] 0/1
     n = _dim(score, 1)
-    n_kept = op.Sub(n, _ints(r))  # [1]
+    n_kept = op.Sub(n, count)  # [1]
     # survivors in original order: the smallest keys removed * N + index
     _, keep = op.TopK(op.Add(op.Mul(removed, n), index), n_kept, axis=-1, largest=0, sorted=1)
     removed_b = op.Cast(removed, to=_BOOL)
@@ -107,21 +122,21 @@ def reduction_plan(score, match, role, real, r: int, merge: bool):
     return assign, keep
 
 
-def merge_tokens(x, size, assign, r: int):
+def merge_tokens(x, size, assign, r):
     """``(x' [B, N - r, C], size' [B, N - r])``: the size-weighted average of what maps to each slot."""
-    r = int(r)
+    count = _count(r)
     acc = _DOUBLE if x.dtype == _DOUBLE else _FLOAT
     w = _cast(size, acc)
     xw = op.Mul(_cast(x, acc), op.Unsqueeze(w, _ints(-1)))  # [B, N, C]
     assign = _cast(assign, _INT64)
     b, n, c = _dim(x, 0), _dim(x, 1), _dim(x, 2)
-    slots = op.Sub(n, _ints(r - 1))  # N - r + 1: the kept tokens and the discard slot
+    n_kept = op.Sub(n, count)
+    slots = op.Add(n_kept, _ints(1))  # N - r + 1: the kept tokens and the discard slot
     zero = ir.tensor([0.0], dtype=acc)
     num = op.ScatterElements(op.ConstantOfShape(op.Concat(b, slots, c, axis=0), value=zero),
                              op.Expand(op.Unsqueeze(assign, _ints(-1)), op.Shape(x)), xw, axis=1, reduction="add")
     den = op.ScatterElements(op.ConstantOfShape(op.Concat(b, slots, axis=0), value=zero),
                              assign, w, axis=1, reduction="add")
-    n_kept = op.Sub(n, _ints(r))
     num = op.Slice(num, _ints(0), n_kept, _ints(1))
     den = op.Slice(den, _ints(0), n_kept, _ints(1))
     out = op.Div(num, op.Unsqueeze(den, _ints(-1)))

@@ -16,7 +16,10 @@ returns ``N - r`` tokens::
   each row removes exactly ``r`` tokens so shapes stay uniform: first the A tokens with a
   partner, best-matched first (ToMe: "sort A by that score, the top r merge"), then, if the
   row has too few, padding tokens (a short row in a padded batch drops pads instead; pads are
-  never A or B, so they never merge into real tokens nor receive one). Ties go to the lower
+  never A or B, so they never merge into real tokens nor receive one). With ``quota [B]`` a row's
+  best ``quota[b]`` candidates go first, then its pads, then its other candidates (a ratio
+  schedule: each sample merges its own share, the batch drops pads to keep shapes uniform).
+  Ties go to the lower
   index (stable sort), so the plan is deterministic. ``keep`` lists the survivors in their
   original order; ``assign[i]`` is where token i goes in the new sequence: its own new index
   if kept, its partner's if merged (``merge=True``), and ``N - r`` (a discard slot) if dropped.
@@ -61,14 +64,20 @@ def bipartite_match_reference(metric: torch.Tensor, role: torch.Tensor):
     return score, match
 
 
-def reduction_plan_reference(score, match, role, real, r: int, merge: bool):
+def reduction_plan_reference(score, match, role, real, r: int, merge: bool, quota=None):
     B, N = score.shape
     device = score.device
     candidate = (role == 1) & (score > _NEG)
     pad = ~real.bool()
     _check_removable(candidate | pad, r)
     # priority tiers: matched A tokens (score in [-1, 1] → [3, 5]) before pads (1); never the rest
-    priority = torch.where(candidate, score + 4.0, torch.where(pad, torch.ones_like(score), torch.full_like(score, _NEG)))
+    first = candidate
+    if quota is not None:  # only a row's best `quota` candidates go before its pads; the others after them
+        ranked = torch.sort(torch.where(candidate, score, _NEG), dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(ranked).scatter(1, ranked, torch.arange(N, device=device).expand(B, N))
+        first = candidate & (rank < quota.unsqueeze(-1))
+    later = torch.where(candidate, score - 2.0, torch.full_like(score, _NEG))  # [-3, -1]
+    priority = torch.where(first, score + 4.0, torch.where(pad, torch.ones_like(score), later))
     order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
     removed_idx = order[:, :r]
     removed = torch.zeros(B, N, dtype=torch.bool, device=device).scatter(1, removed_idx, True)
@@ -154,8 +163,8 @@ def _(metric, role):
 
 @torch.library.custom_op("tokenfx::reduction_plan", mutates_args=())
 def reduction_plan(score: torch.Tensor, match: torch.Tensor, role: torch.Tensor, real: torch.Tensor, r: int,
-                   merge: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return reduction_plan_reference(score, match, role, real, r, merge)
+                   merge: bool, quota: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return reduction_plan_reference(score, match, role, real, r, merge, quota)
 
 
 def _contiguous(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
@@ -169,7 +178,7 @@ def _contiguous(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
 
 
 @reduction_plan.register_fake
-def _(score, match, role, real, r, merge):
+def _(score, match, role, real, r, merge, quota=None):
     B, N = score.shape
     return score.new_empty((B, N), dtype=torch.long), _contiguous(score, (B, N - r), torch.long)
 

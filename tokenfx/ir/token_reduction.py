@@ -43,6 +43,7 @@ on how much padding its batch has.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import operator
 
 import torch
@@ -146,21 +147,28 @@ class Chain:
         return A.val(x).shape[1]
 
     # -- the step ------------------------------------------------------------------------------------
-    def insert(self, index: int, r, kind: str, roles, metric, proportional: bool) -> Step:
+    def insert(self, index: int, r, kind: str, roles, metric, proportional: bool, quota=None) -> Step:
         """Insert a step at block ``index``. ``roles(x, state) -> role node`` and ``metric(x) ->
         metric node`` build the pass's own choice (called with the insertion point set)."""
         state, x = self.state_at(index)
         g = self.g
         n_before = self.tokens(x)
+        hint = getattr(getattr(n_before, "node", None), "hint", None)
+        if isinstance(r, int) and isinstance(hint, int) and hint - r < 2:
+            # shapes are re-derived at the capture example; a count of 0 or 1 there would be specialised
+            raise PassOptionError(f"block {self.structure.blocks[index].name} removes {r} of the {hint} tokens the "
+                                  f"capture example has left there; capture with a longer example (at least as long "
+                                  f"as the inputs the schedule is meant for)")
         existing = set(g.nodes)
         with g.inserting_before(x.next):
             if callable(r):  # a count computed from the tokens reaching the step (keep ratios)
                 r = r(x)
             role = roles(x, state)
+            limit = quota(x, state) if quota is not None else None
             score_match = g.call_function(tfx.bipartite_match.default, (metric(x), role))
             score = g.call_function(operator.getitem, (score_match, 0))
             match = g.call_function(operator.getitem, (score_match, 1))
-            plan = g.call_function(tfx.reduction_plan.default, (score, match, role, state.real, r, True))
+            plan = g.call_function(tfx.reduction_plan.default, (score, match, role, state.real, r, True, limit))
             assign = g.call_function(operator.getitem, (plan, 0))
             keep = g.call_function(operator.getitem, (plan, 1))
             kept = g.call_function(aten.sym_size.int, (keep, 1))
@@ -382,6 +390,8 @@ class Chain:
         range (torch.export specialises sizes 0 and 1): raise the dim's minimum to match."""
         spec = self.graph.dynamic_shapes
         removed = sum(s.r for s in self.steps if isinstance(s.r, int))
+        if any(not isinstance(s.r, int) for s in self.steps):  # ratio / keep counts leave ≥ half: 4 keeps ≥ 2
+            removed = max(removed, 2)
         if spec is None or not removed:
             return
         replaced = {}
@@ -428,6 +438,26 @@ def participating_parity(g: torch.fx.Graph, part: Node) -> Node:
     odd = g.call_function(aten.remainder.Scalar, (g.call_function(aten.sub.Tensor, (rank, 1)), 2))
     role = g.call_function(aten.add.Tensor, (odd, 1))
     return g.call_function(aten.where.ScalarOther, (part, role, 0))
+
+
+def ratio_count(g: torch.fx.Graph, x: Node, ratio: float, protected: int):
+    """``floor(ratio · (N - protected))``: the tokens a ratio step removes from the batch shape
+    (a graph value when N is symbolic)."""
+    n = A.val(x).shape[1]
+    frac = fractions.Fraction(ratio).limit_denominator(1000)
+    if isinstance(n, int):
+        return max(n - protected, 0) * frac.numerator // frac.denominator
+    tokens = g.call_function(aten.sym_size.int, (x, 1))
+    usable = g.call_function(operator.sub, (tokens, protected))
+    return g.call_function(operator.floordiv, (g.call_function(operator.mul, (usable, frac.numerator)), frac.denominator))
+
+
+def ratio_quota(g: torch.fx.Graph, part: Node, ratio: float) -> Node:
+    """``floor(ratio · U_b)`` per row: each sample merges its own share of its participating tokens."""
+    frac = fractions.Fraction(ratio).limit_denominator(1000)
+    count = g.call_function(aten.sum.dim_IntList, (part, [1]))
+    scaled = g.call_function(aten.mul.Tensor, (count, frac.numerator))
+    return g.call_function(aten.div.Tensor_mode, (scaled, frac.denominator), {"rounding_mode": "floor"})
 
 
 def keys_metric(g: torch.fx.Graph, attention) -> Node:

@@ -52,12 +52,13 @@ class TokenMerge(Pass):
 
     @dataclasses.dataclass
     class Options:
-        r: int | list[int] = 8  # tokens merged per block: int, or one per block
+        r: int | list[int] | None = None  # tokens merged per block: int, or one per block (default 8)
         inflect: float = 0.0  # ramp an int r: r·(1 - inflect) first … r·(1 + inflect) last
         metric: str = "keys"  # "keys" (ToMe) or "hidden"
         proportional: bool = True  # add log(size) to later attention's keys
         protect: list[int] = dataclasses.field(default_factory=lambda: [0])  # positions that never merge (CLS)
         unmerge: bool = False  # copy merged values back so outputs keep the input's N tokens
+        ratio: float | list[float] = 0.0  # instead of r: merge this share of each sample's tokens per block
 
     def run(self, graph):
         o = self.options
@@ -65,15 +66,29 @@ class TokenMerge(Pass):
             raise PassOptionError(f"token_merge: metric must be one of {METRICS}, got {o.metric!r}")
         graph = graph.clone()
         blocks = graph.structure.blocks
-        plan = T.schedule(o.r, len(blocks), o.inflect)
+        ratios = self._ratios(len(blocks))
+        plan = T.schedule(8 if o.r is None else o.r, len(blocks), o.inflect) if ratios is None else ratios
         if not any(plan):
             return PassResult(graph, matched=[], stats={"r": plan})
         chain = T.Chain(graph, tuple(int(p) for p in o.protect), o.unmerge)
         matched = []
+        protected = len(chain.protect)
         for index, r in enumerate(plan):
-            r = T.check_cap(chain, index, r, clamp=not isinstance(o.r, (list, tuple)))
-            if r == 0:
-                continue
+            quota = None
+            if ratios is not None:
+                if r == 0:
+                    continue
+                share = r
+
+                def r(x, share=share):  # noqa: F811 - the batch's count, from the tokens reaching the step
+                    return T.ratio_count(chain.g, x, share, protected)
+
+                def quota(x, state, share=share):
+                    return T.ratio_quota(chain.g, state.part, share)
+            else:
+                r = T.check_cap(chain, index, r, clamp=not isinstance(o.r, (list, tuple)))
+                if r == 0:
+                    continue
             attention = blocks[index].attention[0]
 
             def roles(x, state):
@@ -82,7 +97,20 @@ class TokenMerge(Pass):
             def metric(x, attention=attention):
                 return x if o.metric == "hidden" else T.keys_metric(chain.g, attention)
 
-            chain.insert(index, r, "merge", roles, metric, o.proportional)
-            matched.append(f"{blocks[index].name}: merge {r}")
+            chain.insert(index, r, "merge", roles, metric, o.proportional, quota)
+            matched.append(f"{blocks[index].name}: merge {f'{share:g} of each sample' if quota else r}")
         matched += chain.finish()
         return PassResult(graph, matched=matched, stats={"r": plan, "metric": o.metric})
+
+    def _ratios(self, num_blocks: int) -> list[float] | None:
+        o = self.options
+        if not o.ratio:
+            return None
+        if o.r is not None or o.inflect:
+            raise PassOptionError("token_merge: give r (with inflect) or ratio, not both")
+        values = list(o.ratio) if isinstance(o.ratio, (list, tuple)) else [o.ratio] * num_blocks
+        if len(values) != num_blocks:
+            raise PassOptionError(f"ratio={values} has {len(values)} entries; the model has {num_blocks} blocks")
+        if any(not 0.0 <= v <= 0.5 for v in values):
+            raise PassOptionError(f"ratio={values}: each block merges a share in [0, 0.5] (ToMe's cap: half the tokens)")
+        return [float(v) for v in values]
