@@ -98,21 +98,22 @@ from machine import machine_info, save_figure  # noqa: E402  (benchmarks/machine
 # Each entry is one tokenfx pipeline string, applied to the captured MiniLM graph. "" = identity control.
 CONFIGS = [
     "",
-    "token_merge(r=8, metric='hidden')",
+    # vanilla ToMe: a constant r per block (each sample merges r of its real tokens)
+    "token_merge(r=16)",
     "token_merge(r=16, metric='hidden')",
-    "token_merge(r=24, metric='hidden')",
     "token_merge(r=32, metric='hidden')",
-    "token_merge(r=48, metric='hidden')",
-    "token_merge(r=8, metric='keys')",
-    "token_merge(r=16, metric='keys')",
-    "token_merge(r=32, metric='keys')",
-    "token_merge(r=48, metric='keys')",
-    "token_merge(r=24, inflect=0.5, metric='hidden')",
-    "token_merge(r=32, inflect=0.8, metric='hidden')",
-    "token_merge(r=[0, 0, 16, 32, 48, 48], metric='hidden')",
+    # ratio schedules: each sample merges its own share per block; the batch drops pads
+    "token_merge(ratio=0.1, metric='hidden')",
+    "token_merge(ratio=0.125, metric='hidden')",
+    "token_merge(ratio=0.15, metric='hidden')",
+    "token_merge(ratio=0.175, metric='hidden')",
+    "token_merge(ratio=0.2, metric='hidden')",
+    "token_merge(ratio=0.225, metric='hidden')",
+    "token_merge(ratio=0.25, metric='hidden')",
+    "token_merge(ratio=0.2)",
+    "token_merge(ratio=0.2, metric='hidden', proportional=False)",
     "token_prune(keep=0.9)",
-    "token_prune(keep=0.8)",
-    "token_prune(r=[0, 0, 8, 8, 8, 0]),token_merge(r=[0, 0, 0, 16, 16, 16], metric='hidden')",
+    "token_prune(keep=0.9, layers=[1, 2]),token_merge(ratio=0.15, metric='hidden')",
 ]
 # Applied to the captured ViT-B/16 (throughput only).
 VIT_CONFIGS = [f"token_merge(r={r})" for r in (0, 4, 8, 12, 16)]

@@ -7,6 +7,7 @@ contract as well as the algorithm's."""
 
 from __future__ import annotations
 
+import fractions
 import functools
 
 import pytest
@@ -58,8 +59,9 @@ def merge_step(h, size, metric, r, protect=(0,)):
     return (num[keep] / den[keep, None]).to(h.dtype), den[keep]
 
 
-def tome_reference(model, ids, r_per_layer, metric="keys", proportional=True):
-    """Size-weighted mean-pooled embedding of one unpadded sample ``ids [n]``."""
+def tome_reference(model, ids, r_per_layer, metric="keys", proportional=True, ratio=None):
+    """Size-weighted mean-pooled embedding of one unpadded sample ``ids [n]`` (with ``ratio``,
+    each block merges floor(ratio · the sample's own non-CLS tokens))."""
     bert_model = model.model
     x = bert_model.embeddings(input_ids=ids[None])
     size = torch.ones(ids.numel(), dtype=torch.float64)
@@ -68,6 +70,9 @@ def tome_reference(model, ids, r_per_layer, metric="keys", proportional=True):
         attn = layer.attention.self
         keys = attn.key(x)[0].view(x.shape[1], attn.num_attention_heads, -1).mean(1)
         h = layer.attention(x, attention_mask=bias)[0]
+        if ratio is not None:
+            share = fractions.Fraction(ratio).limit_denominator(1000)
+            r = (h.shape[1] - 1) * share.numerator // share.denominator
         if r:
             merged, size = merge_step(h[0], size, keys if metric == "keys" else h[0], r)
             h = merged[None]
@@ -89,6 +94,18 @@ def test_matches_reference_on_a_padded_batch(metric, proportional):
             torch.testing.assert_close(out[row].double(), expected, atol=2e-5, rtol=1e-5)
         # and the merge did something: the unmerged model differs
         assert not torch.allclose(out, model(**inputs), atol=1e-3)
+
+
+def test_ratio_schedule_merges_each_samples_own_share():
+    model, graph = embedder()
+    merged = tokenfx.optimize(graph, "token_merge(ratio=0.3, metric='hidden')")
+    lengths = [16, 11, 6]  # the batch drops ⌊0.3·15⌋ = 4 per block; the short rows merge their own share
+    inputs = ragged(lengths, 16, seed=2)
+    with torch.no_grad():
+        out = merged.module()(**inputs)
+        for row, n in enumerate(lengths):
+            expected = tome_reference(model, inputs["input_ids"][row, :n], [0, 0], "hidden", True, ratio=0.3)
+            torch.testing.assert_close(out[row].double(), expected, atol=2e-5, rtol=1e-5)
 
 
 def test_a_sample_does_not_depend_on_its_batch():
@@ -187,6 +204,10 @@ def test_errors_name_the_problem():
     _, graph = embedder()
     with pytest.raises(PassOptionError, match="has 3 entries; the model has 2 blocks"):
         tokenfx.optimize(graph, "token_merge(r=[1, 1, 1])")
+    with pytest.raises(PassOptionError, match="r \\(with inflect\\) or ratio, not both"):
+        tokenfx.optimize(graph, "token_merge(r=2, ratio=0.2)")
+    with pytest.raises(PassOptionError, match=r"in \[0, 0.5\]"):
+        tokenfx.optimize(graph, "token_merge(ratio=0.6)")
     with pytest.raises(PassOptionError, match="metric must be one of"):
         tokenfx.optimize(graph, "token_merge(metric='values')")
     with pytest.raises(PassOptionError, match="unmerge=True"):  # BertModel's output is per token
@@ -195,9 +216,12 @@ def test_errors_name_the_problem():
     with pytest.raises(PassOptionError, match="r may be at most 8"):  # 17 tokens, CLS protected
         tokenfx.optimize(vit_graph, "token_merge(r=[9, 0], unmerge=True)")
     clamped = tokenfx.optimize(vit_graph, "token_merge(r=6, unmerge=True)")  # a constant r is capped, as ToMe does
-    assert [n.args[3] for n in clamped.graph.nodes if n.target is tfx.merge_tokens.default] == [6, 2]
+    assert [n.args[3] for n in clamped.graph.nodes if n.target is tfx.merge_tokens.default] == [6, 5]
     with pytest.raises(MappingError, match="causal"):
         tokenfx.optimize(tokenfx.capture(llama(), token_inputs(2, 7)), "token_merge(r=1)")
-    merged = tokenfx.optimize(graph, "token_merge(r=4)").module()
+    with pytest.raises(PassOptionError, match="capture with a longer example"):  # 9 tokens: 5 left after block 0
+        tokenfx.optimize(graph, "token_merge(r=4)")
+    model, _ = embedder()
+    merged = tokenfx.optimize(tokenfx.capture(model, token_inputs(2, 24)), "token_merge(r=4)").module()
     with pytest.raises(ValueError, match="too short"):  # a dynamic schedule on an input too short for it
         merged(**ragged([6, 6], 6))

@@ -79,15 +79,17 @@ def test_matches_reference_on_a_padded_batch(cls_weight):
 
 
 def test_prune_then_merge_in_either_order_is_one_chain():
-    model, graph = embedder()
+    model, graph = embedder(layers=3)  # a block after the merge: it must read the merge's own bias
     inputs = ragged([13, 8], 13, seed=12)
-    first = tokenfx.optimize(graph, "token_prune(r=[2, 0], iterations=3),token_merge(r=[0, 2], metric='hidden')")
-    second = tokenfx.optimize(graph, "token_merge(r=[0, 2], metric='hidden'),token_prune(r=[2, 0], iterations=3)")
+    prune, merge = "token_prune(r=[2, 0, 0], iterations=3)", "token_merge(r=[0, 2, 0], metric='hidden')"
+    first = tokenfx.optimize(graph, f"{prune},{merge}")
+    second = tokenfx.optimize(graph, f"{merge},{prune}")
     with torch.no_grad():
         a, b = first.module()(**inputs), second.module()(**inputs)
         assert torch.equal(a, b)
         for row, n in enumerate([13, 8]):
-            expected = zero_tprune_reference(model, inputs["input_ids"][row, :n], [2, 0], [3, 3], merge_per_layer=[0, 2])
+            expected = zero_tprune_reference(model, inputs["input_ids"][row, :n], [2, 0, 0], [3, 3, 3],
+                                             merge_per_layer=[0, 2, 0])
             torch.testing.assert_close(a[row].double(), expected, atol=2e-5, rtol=1e-5)
 
 

@@ -58,6 +58,7 @@ aten = torch.ops.aten
 tfx = torch.ops.tokenfx
 Node = torch.fx.Node
 META = "tokenfx_token_reduction"
+MASK_ADD = "tokenfx_attention_mask_add"  # on token_prune's eager attention: the add that applies the mask
 _STATE = ("size", "real", "part", "origin", "bias")
 
 
@@ -213,8 +214,11 @@ class Chain:
             for user in list(old.users):
                 if user not in new_nodes and order[user] > end:
                     user.replace_input_with(old, new)
-        if state.bias is None:  # the first step: later blocks stop reading the graph's own masks
-            for later in self.structure.blocks[index + 1:]:
+        if state.bias is None:  # no step before this one: later blocks stop reading the graph's own masks,
+            # up to the block of the next existing step (its own bias serves the blocks after it)
+            following = [s.block for s in self.steps if s.block > index]
+            stop = following[0] + 1 if following else len(self.structure.blocks)
+            for later in self.structure.blocks[index + 1:stop]:
                 for att in later.attention:
                     _set_attention_mask(att.core, bias)
         _fake_values(self.gm, new_nodes)
@@ -440,7 +444,7 @@ def participating_parity(g: torch.fx.Graph, part: Node) -> Node:
     return g.call_function(aten.where.ScalarOther, (part, role, 0))
 
 
-def ratio_count(g: torch.fx.Graph, x: Node, ratio: float, protected: int):
+def ratio_count(g: torch.fx.Graph, x: Node, *, ratio: float, protected: int):
     """``floor(ratio · (N - protected))``: the tokens a ratio step removes from the batch shape
     (a graph value when N is symbolic)."""
     n = A.val(x).shape[1]
@@ -529,8 +533,13 @@ def _mask_input(structure) -> Node | None:
 
 
 def _set_attention_mask(core: Node, bias: Node) -> None:
-    schema = core.target._schema
-    names = [a.name for a in schema.arguments]
+    if MASK_ADD in core.meta:  # token_prune's softmax(q kᵀ + mask) v: replace the added mask
+        add = next((n for n in core.graph.nodes if n.name == core.meta[MASK_ADD]), None)
+        if add is not None:
+            add.update_arg(1, bias)
+            return
+    schema = getattr(core.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
     key = "attn_mask" if "attn_mask" in names else None
     if key is None:
         raise MappingError(f"{core.name}: attention core {core.target} takes no attn_mask")

@@ -35,6 +35,7 @@ the same total (``inflect > 0``: more merging in later blocks).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from tokenfx.errors import PassOptionError
 from tokenfx.ir import token_reduction as T
@@ -73,21 +74,18 @@ class TokenMerge(Pass):
         chain = T.Chain(graph, tuple(int(p) for p in o.protect), o.unmerge)
         matched = []
         protected = len(chain.protect)
-        for index, r in enumerate(plan):
-            quota = None
+        for index, value in enumerate(plan):
+            if value == 0:
+                continue
             if ratios is not None:
-                if r == 0:
-                    continue
-                share = r
-
-                def r(x, share=share):  # noqa: F811 - the batch's count, from the tokens reaching the step
-                    return T.ratio_count(chain.g, x, share, protected)
-
-                def quota(x, state, share=share):
-                    return T.ratio_quota(chain.g, state.part, share)
+                # the batch's count follows the tokens reaching the step; each sample merges its own share
+                count = functools.partial(T.ratio_count, chain.g, ratio=value, protected=protected)
+                quota = functools.partial(_quota, chain.g, ratio=value)
+                label = f"{value:g} of each sample"
             else:
-                r = T.check_cap(chain, index, r, clamp=not isinstance(o.r, (list, tuple)))
-                if r == 0:
+                count = T.check_cap(chain, index, value, clamp=not isinstance(o.r, (list, tuple)))
+                quota, label = None, str(count)
+                if count == 0:
                     continue
             attention = blocks[index].attention[0]
 
@@ -97,8 +95,8 @@ class TokenMerge(Pass):
             def metric(x, attention=attention):
                 return x if o.metric == "hidden" else T.keys_metric(chain.g, attention)
 
-            chain.insert(index, r, "merge", roles, metric, o.proportional, quota)
-            matched.append(f"{blocks[index].name}: merge {f'{share:g} of each sample' if quota else r}")
+            chain.insert(index, count, "merge", roles, metric, o.proportional, quota)
+            matched.append(f"{blocks[index].name}: merge {label}")
         matched += chain.finish()
         return PassResult(graph, matched=matched, stats={"r": plan, "metric": o.metric})
 
@@ -114,3 +112,7 @@ class TokenMerge(Pass):
         if any(not 0.0 <= v <= 0.5 for v in values):
             raise PassOptionError(f"ratio={values}: each block merges a share in [0, 0.5] (ToMe's cap: half the tokens)")
         return [float(v) for v in values]
+
+
+def _quota(g, x, state, ratio: float):
+    return T.ratio_quota(g, state.part, ratio)

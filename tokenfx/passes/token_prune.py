@@ -156,13 +156,16 @@ def _eager_attention(g: torch.fx.Graph, attention) -> torch.fx.Node:
     with g.inserting_before(core):
         scores = g.call_function(aten.matmul.default, (q, g.call_function(aten.transpose.int, (k, -2, -1))))
         scores = g.call_function(aten.mul.Tensor, (scores, float(scale)))
+        masked = None
         if mask is not None:
+            additive = mask
             if A.val(mask).dtype == torch.bool:
-                scores = g.call_function(aten.where.ScalarOther, (mask, scores, torch.finfo(A.val(q).dtype).min))
-            else:
-                scores = g.call_function(aten.add.Tensor, (scores, mask))
+                additive = g.call_function(aten.where.Scalar, (mask, 0.0, torch.finfo(A.val(q).dtype).min))
+            scores = masked = g.call_function(aten.add.Tensor, (scores, additive))
         probs = g.call_function(aten._softmax.default, (scores, -1, False))
         out = g.call_function(aten.matmul.default, (probs, v))
+    if masked is not None:  # where a reduction step in an earlier block puts its bias (T._set_attention_mask)
+        out.meta[T.MASK_ADD] = masked.name
     T._inherit_module_path(set(g.nodes) - existing, core)
     T._fake_values(g.owning_module, set(g.nodes) - existing)
     if core.target is aten.scaled_dot_product_attention.default:
