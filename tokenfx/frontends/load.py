@@ -8,7 +8,7 @@ Accepted specs:
 - ``package.module:factory`` — ``factory()`` returns an ``nn.Module`` (Hugging Face) or a
   ``(module, example_inputs)`` pair.
 
-Hugging Face models are captured with synthetic example inputs (batch 2, 16 tokens, or
+Hugging Face models are captured with synthetic example inputs (batch 2, 64 tokens, or
 images at the config's size); the graph stays dynamic in batch and tokens.
 """
 
@@ -88,8 +88,9 @@ def load_hf_model(directory: Path, dtype: torch.dtype | None = None) -> torch.nn
     return model.eval()
 
 
-def example_inputs_for(model: torch.nn.Module, batch: int = 2, tokens: int = 16) -> dict:
-    """Synthetic inputs for a Hugging Face model: token ids + mask, or images."""
+def example_inputs_for(model: torch.nn.Module, batch: int = 2, tokens: int = 64) -> dict:
+    """Synthetic inputs for a Hugging Face model: token ids + mask, or images. The token count
+    is long enough for token-reduction schedules (shapes are re-derived at the example)."""
     config = getattr(model, "config", None)
     if config is None:
         raise ModelLoadError(f"{type(model).__name__} is not a Hugging Face model: give example inputs "
@@ -99,6 +100,9 @@ def example_inputs_for(model: torch.nn.Module, batch: int = 2, tokens: int = 16)
         size = getattr(config, "image_size", 224)
         channels = getattr(config, "num_channels", 3)
         return {"pixel_values": torch.randn(batch, channels, size, size, generator=generator)}
+    from tokenfx.frontends.hf import max_tokens
+
+    tokens = min(tokens, max_tokens(config) or tokens)
     vocab = getattr(config, "vocab_size", 100)
     ids = torch.randint(0, vocab, (batch, tokens), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
