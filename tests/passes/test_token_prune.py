@@ -115,6 +115,19 @@ def test_sdpa_stays_where_nothing_prunes_and_keep_ratio_follows_the_length():
     assert kept == [6, 12]  # floor(0.75 · N) tokens stay
 
 
+def test_a_second_pass_keeps_the_first_ones_unmerge():
+    from models import bert, token_inputs
+
+    graph = tokenfx.capture(bert(2), token_inputs(2, 16))
+    both = tokenfx.optimize(graph, "token_merge(r=[0, 2], unmerge=True),token_prune(r=[2, 0], unmerge=True)")
+    inputs = ragged([14, 9], 14, seed=13)
+    with torch.no_grad():
+        out = both.module()(**inputs)
+    assert out.shape == (2, 14, 32)
+    for row in out[:1]:  # 4 of 14 tokens reduced: 10 distinct per-token values (pruned ones copy their partner)
+        assert torch.unique(row, dim=0).shape[0] == 10
+
+
 def test_onnx_parity(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     _, graph = embedder()
@@ -138,5 +151,7 @@ def test_errors_name_the_problem():
         tokenfx.optimize(graph, "token_prune(r=2, keep=0.8)")
     with pytest.raises(PassOptionError, match="iterations"):
         tokenfx.optimize(graph, "token_prune(r=2, iterations=[1, 1, 1])")
+    with pytest.raises(PassOptionError, match="already has a reduction step"):  # same block, attention-derived
+        tokenfx.optimize(graph, "token_prune(r=[0, 2]),token_merge(r=[0, 2])")
     with pytest.raises(PassOptionError, match="protect"):
         tokenfx.optimize(graph, "token_prune(r=[1, 0]),token_merge(r=[0, 1], protect=[0, 1])")

@@ -114,11 +114,13 @@ def symbol_sources(gm: torch.fx.GraphModule) -> dict:
     return out
 
 
-def rederive_token_sizes(gm: torch.fx.GraphModule, reduced: torch.fx.Node, *, token_axis: int, old_tokens) -> int:
+def rederive_token_sizes(gm: torch.fx.GraphModule, reduced: torch.fx.Node, *, token_axis: int, old_tokens,
+                         until: torch.fx.Node | None = None) -> int:
     """Point every size argument downstream of ``reduced`` at its new token count.
 
     ``old_tokens`` is the old count: a sympy expression / SymInt (dynamic) or an int (static).
-    Downstream means after ``reduced`` in topological order. Returns how many arguments changed.
+    Downstream means after ``reduced`` in topological order, and before ``until`` when given
+    (where the count goes back, e.g. an unmerge). Returns how many arguments changed.
     """
     graph = gm.graph
     old = _expr(old_tokens) if not isinstance(old_tokens, sympy.Basic) else old_tokens
@@ -182,6 +184,8 @@ def rederive_token_sizes(gm: torch.fx.GraphModule, reduced: torch.fx.Node, *, to
         if node is new_n:
             after = True
             continue
+        if node is until:
+            break
         if not after or node.op != "call_function" or node.target not in SIZE_OPS:
             continue
         node.args = rewrite(node.args, node)

@@ -90,7 +90,7 @@ class Chain:
         self.structure = graph.structure
         self.nodes = {n.name: n for n in self.g.nodes}
         record = self.gm.meta.get(META)
-        self.unmerge_node = None
+        self.unmerge_node = self.unmerge_start = None
         if record is None:
             _check_structure(self.structure)
             if graph.source == "aot" and isinstance(self.tokens(self.structure.blocks[0].input), int):
@@ -111,6 +111,7 @@ class Chain:
                                get(s["r"]) if isinstance(s["r"], str) else s["r"], s["kind"]) for s in record["steps"]]
             self.mask_input = get(record["mask_input"])
             self.unmerge_node = get(record.get("unmerge"))
+            self.unmerge_start = get(record.get("unmerge_start"))
             self.protect = tuple(record["protect"])
             self.unmerge = record["unmerge_requested"]
             self.pooling = []
@@ -148,10 +149,17 @@ class Chain:
         return A.val(x).shape[1]
 
     # -- the step ------------------------------------------------------------------------------------
-    def insert(self, index: int, r, kind: str, roles, metric, proportional: bool, quota=None) -> Step:
+    def insert(self, index: int, r, kind: str, roles, metric, proportional: bool, quota=None,
+               reads_attention: bool = False) -> Step:
         """Insert a step at block ``index``. ``roles(x, state) -> role node`` and ``metric(x) ->
-        metric node`` build the pass's own choice (called with the insertion point set)."""
+        metric node`` build the pass's own choice (called with the insertion point set);
+        ``reads_attention``: they read the block's attention (keys, probabilities)."""
         state, x = self.state_at(index)
+        if reads_attention and any(s.block == index for s in self.steps):
+            raise PassOptionError(
+                f"block {self.structure.blocks[index].name} already has a reduction step; a second step in the same "
+                f"block sees the tokens after it, but the block's attention (keys, PageRank) saw those before: reduce "
+                f"in different blocks, or use token_merge(metric='hidden') for the second step")
         g = self.g
         n_before = self.tokens(x)
         hint = getattr(getattr(n_before, "node", None), "hint", None)
@@ -222,11 +230,18 @@ class Chain:
                 for att in later.attention:
                     _set_attention_mask(att.core, bias)
         _fake_values(self.gm, new_nodes)
-        rederive_token_sizes(self.gm, out, token_axis=1, old_tokens=n_before)
+        # an unmerge (from an earlier pass) restores the input's count: sizes after it stay
+        rederive_token_sizes(self.gm, out, token_axis=1, old_tokens=n_before, until=self.unmerge_start)
         propagate(self.gm)
         step = Step(index, out, new_state, r, kind)
         position = len([s for s in self.steps if s.block <= index])
         self.steps.insert(position, step)
+        for later in self.steps[position + 1:]:  # steps of an earlier pass now see fewer tokens
+            n_later = self.tokens(later.output)
+            if isinstance(n_later, int) and n_later < 2:
+                raise PassOptionError(f"with this pass's step in block {self.structure.blocks[index].name}, the "
+                                      f"earlier pass's step in block {self.structure.blocks[later.block].name} "
+                                      f"would leave {n_later} tokens; lower one of the schedules")
         return step
 
     def _bias(self, real: Node, size: Node, proportional: bool, dtype) -> Node:
@@ -290,6 +305,7 @@ class Chain:
             existing = set(g.nodes)
             with g.inserting_before(last_output.next):
                 batch = call(aten.sym_size.int, (last_output, 0))
+                self.unmerge_start = batch
                 channels = call(aten.sym_size.int, (last_output, 2))
                 zero = call(aten.new_zeros.default, (last_output, [batch, 1, channels]))
                 padded = call(aten.cat.default, ([last_output, zero], 1))
@@ -325,7 +341,10 @@ class Chain:
             if late:
                 with g.inserting_before(min(late, key=order.get)):
                     weight = g.call_function(aten.mul.Tensor, (final.real, final.size))
-                    weight = g.call_function(aten._to_copy.default, (weight,), {"dtype": A.val(self.mask_input).dtype})
+                    mask_dtype = A.val(self.mask_input).dtype
+                    # a bool mask would lose the sizes: hand the pooling a float weight instead
+                    weight = g.call_function(aten._to_copy.default, (weight,), {
+                        "dtype": torch.float32 if mask_dtype == torch.bool else mask_dtype})
                 for user in late:
                     user.replace_input_with(self.mask_input, weight)
                 done.append("mask-weighted pooling → size-weighted (" + ", ".join(u.name for u in late) + ")")
@@ -428,7 +447,7 @@ class Chain:
                        "r": s.r.name if isinstance(s.r, Node) else s.r,
                        "state": {k: name(getattr(s.state, k)) for k in _STATE}} for s in self.steps],
             "mask_input": name(self.mask_input), "unmerge": name(self.unmerge_node), "protect": list(self.protect),
-            "unmerge_requested": self.unmerge,
+            "unmerge_requested": self.unmerge, "unmerge_start": name(self.unmerge_start),
         }
         self.g.lint()
         self.gm.recompile()

@@ -17,7 +17,7 @@ After ``token_merge(r=8)`` (the same in pre-norm blocks, on the residual add)::
     assign, keep = tokenfx.reduction_plan(score, match, role, real, 8, True)
     h, size      = tokenfx.merge_tokens(h, size, assign, 8)           # [B, N - 8, C], size-weighted
     y = layer_norm(mlp(h) + h)
-    ... every later block: sdpa(q, k, v, attn_mask=where(real, log(size), -inf))
+    ... every later block: sdpa(q, k, v, attn_mask=where(real, log(size), finfo.min))
 
 The steps (ToMe §3): the metric is the block's keys averaged over heads (``metric="keys"``,
 ToMe's choice) or the hidden states at the merge point (``metric="hidden"``; measured far
@@ -95,7 +95,8 @@ class TokenMerge(Pass):
             def metric(x, attention=attention):
                 return x if o.metric == "hidden" else T.keys_metric(chain.g, attention)
 
-            chain.insert(index, count, "merge", roles, metric, o.proportional, quota)
+            chain.insert(index, count, "merge", roles, metric, o.proportional, quota,
+                         reads_attention=o.metric == "keys")
             matched.append(f"{blocks[index].name}: merge {label}")
         matched += chain.finish()
         return PassResult(graph, matched=matched, stats={"r": plan, "metric": o.metric})

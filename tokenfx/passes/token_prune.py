@@ -2,7 +2,8 @@
 
 Contract: approximate (r = 0 everywhere leaves the graph untouched). Preconditions as for
 ``token_merge`` (a bidirectional SDPA encoder); the two share one reduction chain, so
-``token_prune(r=[0, 8, 8, 0]),token_merge(r=[0, 0, 8, 8])`` prunes and merges in one graph.
+``token_prune(r=[0, 8, 8, 0]),token_merge(r=[0, 0, 0, 8])`` prunes and merges in one graph (a
+second step in the same block must not read that block's attention: ``metric='hidden'``).
 
 Before (a block that prunes)::
 
@@ -114,7 +115,7 @@ class TokenPrune(Pass):
             def metric(x, attention=attention):
                 return T.keys_metric(chain.g, attention)
 
-            chain.insert(index, r_step, "prune", roles, metric, o.proportional)
+            chain.insert(index, r_step, "prune", roles, metric, o.proportional, reads_attention=True)
             matched.append(f"{blocks[index].name}: prune {'keep ' + str(o.keep) if r == 'keep' else r} "
                            f"({iterations[index]} PageRank steps)")
         matched += chain.finish()
@@ -156,16 +157,18 @@ def _eager_attention(g: torch.fx.Graph, attention) -> torch.fx.Node:
     with g.inserting_before(core):
         scores = g.call_function(aten.matmul.default, (q, g.call_function(aten.transpose.int, (k, -2, -1))))
         scores = g.call_function(aten.mul.Tensor, (scores, float(scale)))
-        masked = None
-        if mask is not None:
+        dtype = A.val(q).dtype
+        if mask is None:  # still an add: a reduction step in an earlier block puts its bias here
+            additive = 0.0
+        elif A.val(mask).dtype == torch.bool:
+            additive = g.call_function(aten.where.Scalar, (mask, 0.0, torch.finfo(dtype).min))
+            additive = g.call_function(aten._to_copy.default, (additive,), {"dtype": dtype})
+        else:
             additive = mask
-            if A.val(mask).dtype == torch.bool:
-                additive = g.call_function(aten.where.Scalar, (mask, 0.0, torch.finfo(A.val(q).dtype).min))
-            scores = masked = g.call_function(aten.add.Tensor, (scores, additive))
+        scores = masked = g.call_function(aten.add.Tensor, (scores, additive))
         probs = g.call_function(aten._softmax.default, (scores, -1, False))
         out = g.call_function(aten.matmul.default, (probs, v))
-    if masked is not None:  # where a reduction step in an earlier block puts its bias (T._set_attention_mask)
-        out.meta[T.MASK_ADD] = masked.name
+    out.meta[T.MASK_ADD] = masked.name  # where a reduction step in an earlier block puts its bias
     T._inherit_module_path(set(g.nodes) - existing, core)
     T._fake_values(g.owning_module, set(g.nodes) - existing)
     if core.target is aten.scaled_dot_product_attention.default:
@@ -188,7 +191,13 @@ def _importance_roles(g, probs, state, steps: int, cls_weight: bool, band) -> to
         importance = g.call_function(aten.sqrt.default, (g.call_function(aten.mean.dim, (sq, [1])),))
     else:
         # heads whose scores are (almost) flat or dominated by one token say little: leave them out
-        var = g.call_function(aten.var.correction, (s, [2]), {"correction": 0, "keepdim": True})  # [B, H, 1]
+        realf = g.call_function(aten.unsqueeze.default, (g.call_function(aten._to_copy.default, (state.real,),
+                                                                          {"dtype": torch.float32}), 1))  # [B, 1, N]
+        count = g.call_function(aten.clamp_min.default, (g.call_function(aten.sum.dim_IntList, (realf, [2], True)), 1.0))
+        mean = g.call_function(aten.div.Tensor, (g.call_function(aten.sum.dim_IntList, (s, [2], True)), count))
+        dev = g.call_function(aten.mul.Tensor, (g.call_function(aten.sub.Tensor, (s, mean)), realf))
+        var = g.call_function(aten.div.Tensor, (g.call_function(aten.sum.dim_IntList, (
+            g.call_function(aten.mul.Tensor, (dev, dev)), [2], True)), count))  # [B, H, 1], real tokens only
         median = g.call_function(aten.median.dim, (var, 1, True))
         median = g.call_function(operator.getitem, (median, 0))
         lo = g.call_function(aten.ge.Tensor, (var, g.call_function(aten.mul.Tensor, (median, float(band[0])))))
