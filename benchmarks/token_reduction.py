@@ -237,6 +237,27 @@ def build_variant(graph, pipeline: str) -> tuple[object | None, dict]:
     return new.module(), info
 
 
+def capture_variants(model, inputs, configs, progress, task, label: str, skipped_steps: int = 0):
+    """Capture ``model`` once and build every config from it: ``(graph, capture seconds, {config:
+    module}, {config: info})``; a config that fails is reported and its ``skipped_steps`` advanced."""
+    progress.update(task, description=f"{label}capture")
+    start = time.perf_counter()
+    graph = tokenfx.capture(model, inputs)
+    capture_s = time.perf_counter() - start
+    progress.advance(task)
+    variants, infos = {}, {}
+    for config in configs:
+        progress.update(task, description=f"{label}optimize {short(config)}")
+        module, infos[config] = build_variant(graph, config)
+        if module is not None:
+            variants[config] = module
+        else:
+            progress.console.print(f"[red]{label}{short(config)} failed[/red]: {infos[config]['error']}")
+            progress.advance(task, skipped_steps)  # the steps it will not run
+        progress.advance(task)
+    return graph, capture_s, variants, infos
+
+
 def first_tensor(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -395,21 +416,8 @@ def measure_vit(configs, repeats, progress, task) -> dict:
     x = torch.randn(VIT_BATCH, cfg.num_channels, cfg.image_size, cfg.image_size,
                     generator=torch.Generator().manual_seed(0))
     inputs = {"pixel_values": x}
-    progress.update(task, description="ViT capture")
-    start = time.perf_counter()
-    graph = tokenfx.capture(model, inputs)
-    capture_s = time.perf_counter() - start
-    progress.advance(task)
-    variants, infos = {}, {}
-    for config in configs:
-        progress.update(task, description=f"ViT optimize {short(config)}")
-        module, infos[config] = build_variant(graph, config)
-        if module is not None:
-            variants[config] = module
-        else:
-            progress.console.print(f"[red]ViT {short(config)} failed[/red]: {infos[config]['error']}")
-            progress.advance(task, WARMUP + repeats)  # the steps it will not run
-        progress.advance(task)
+    graph, capture_s, variants, infos = capture_variants(model, inputs, configs, progress, task, "ViT ",
+                                                         skipped_steps=WARMUP + repeats)
     live = {REFERENCE: graph.module(), **variants, HF: model}
     errors: dict[str, str] = {}
     runs = {name: [] for name in live}
@@ -661,26 +669,14 @@ def main(argv=None) -> None:
         n = len(vit_configs) + 2
         steps += 1 + len(vit_configs) + n * WARMUP + n * repeats
     columns = (TextColumn("{task.description:<80}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    results_lengths, infos = {}, {}
+    results_lengths = {}
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("capture", total=steps)
         first = sets[lengths[-1]][0][0]  # the longest set: the example must outlast every schedule
         example = {k: v[:2, :CAPTURE_TOKENS].clone() for k, v in first.items()}
         example["attention_mask"][1, CAPTURE_TOKENS // 2:] = 0  # one padded row
-        start = time.perf_counter()
-        graph = tokenfx.capture(hf, example)
-        capture_s = time.perf_counter() - start
-        progress.advance(task)
+        graph, capture_s, variants, infos = capture_variants(hf, example, configs, progress, task, "")
         reference = graph.module()
-        variants = {}
-        for config in configs:
-            progress.update(task, description=f"optimize {short(config)}")
-            module, infos[config] = build_variant(graph, config)
-            if module is not None:
-                variants[config] = module
-            else:
-                progress.console.print(f"[red]{short(config)} failed[/red]: {infos[config]['error']}")
-            progress.advance(task)
         with torch.inference_mode():
             for length in lengths:
                 batches, _ = sets[length]

@@ -187,17 +187,22 @@ def test_torch_compile_one_graph_for_every_shape():
     assert entries[0]["passes"][0]["matched"][:2] == ["model.encoder.layer.0: merge 2", "model.encoder.layer.1: merge 2"]
 
 
-def test_onnx_parity_dynamic_batch_and_tokens(tmp_path):
+def assert_onnx_parity(graph, path, cases):
+    """Export ``graph`` and compare onnxruntime with the torch graph on ragged batches ``cases``."""
     import onnxruntime as ort
-    _, graph = embedder()
-    merged = tokenfx.optimize(graph, "token_merge(r=2, metric='hidden')")
-    path = tokenfx.export_onnx(merged, tmp_path / "merge.onnx")
-    session = ort.InferenceSession(str(path))
-    for lengths, width in (([13, 6, 9], 13), ([17, 17], 17)):
-        inputs = ragged(lengths, width, seed=width)
+
+    session = ort.InferenceSession(str(tokenfx.export_onnx(graph, path)))
+    for lengths, width, seed in cases:
+        inputs = ragged(lengths, width, seed=seed)
         (got,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
         with torch.no_grad():
-            torch.testing.assert_close(torch.from_numpy(got), merged.module()(**inputs), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.from_numpy(got), graph.module()(**inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_parity_dynamic_batch_and_tokens(tmp_path):
+    _, graph = embedder()
+    merged = tokenfx.optimize(graph, "token_merge(r=2, metric='hidden')")
+    assert_onnx_parity(merged, tmp_path / "merge.onnx", [([13, 6, 9], 13, 13), ([17, 17], 17, 17)])
 
 
 def test_errors_name_the_problem():
