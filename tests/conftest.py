@@ -4,6 +4,9 @@ from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Generator(compile="auto") — the default — runs the fx graphs in tests; the tests of the compiled
+# default path (tests/runtime/test_compiled.py) unset this in the process they start
+os.environ.setdefault("TOKENFX_COMPILE", "0")
 
 # tests/models.py (tiny model factories) is imported as ``models`` from every test folder
 sys.path.insert(0, str(Path(__file__).parent))

@@ -4,7 +4,7 @@
     tokenfx passes [--json]
     tokenfx rewrite MODEL --passes P -o OUT.pt2|OUT.onnx [--verify] [--emit-kernels DIR] [--json]
     tokenfx generate MODEL --prompt TEXT|--prompt-file F [--max-new-tokens N]
-                     [--temperature T --top-k K --top-p P --seed S] [--compile] [--json]
+                     [--chat] [--temperature T --top-k K --top-p P --seed S] [--no-compile] [--json]
     tokenfx demo [--model SPEC] [--out DIR]
 
 MODEL is anything :func:`tokenfx.load` accepts. Errors print one line and exit 2 (a full
@@ -203,12 +203,19 @@ def cmd_generate(args) -> int:
         prompt = args.prompt
     early_exit = _early_exit_policy(args)  # bad options fail before anything is loaded or printed
     tokenizer = load_tokenizer(args.model)  # before the (slow) graph build: a missing tokenizer fails fast
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise GenerationError(f"--chat: the tokenizer of {args.model} has no chat template; drop --chat to "
+                                  "continue the prompt as plain text")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
         raise GenerationError("the prompt is empty after tokenization")
     err = _err_console()
     with err.status("loading the model and building its prefill / decode graphs"):
-        gen = generator_for(args.model, compile=args.compile)
+        gen = generator_for(args.model, compile=False if args.no_compile else True if args.compile else "auto")
     generated: list[int] = []
     printed = ""
 
@@ -224,7 +231,7 @@ def cmd_generate(args) -> int:
             printed = text
 
     if not args.json:
-        sys.stdout.write(prompt)
+        sys.stdout.write(prompt + ("\n" if args.chat else ""))
         sys.stdout.flush()
     speculative = {}
     if args.speculate is not None:
@@ -306,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rewrite)
 
     p = sub.add_parser("generate", help="generate text with KV-cached decoding, streaming to the terminal")
-    p.add_argument("model", help="HF directory with a tokenizer, or tokenfx:<name>")
+    p.add_argument("model", help="HF directory with a tokenizer, a .gguf file, or tokenfx:<name> (e.g. tokenfx:smollm2)")
     p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -314,7 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--compile", action="store_true", help="AOTInductor-compile the graphs (cached on disk)")
+    p.add_argument("--chat", action="store_true",
+                   help="the prompt is a user message: apply the tokenizer's chat template (instruction models)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the graphs with AOTInductor and fail if that fails (the default compiles too, "
+                        "falling back to the fx graphs; packages cached on disk)")
+    p.add_argument("--no-compile", action="store_true", help="run the fx graphs without compiling them")
     p.add_argument("--speculate", metavar="DRAFTER",
                    help="lossless speculative decoding: recycling, lookup, draft[:MODEL], draft-tree[:MODEL], "
                         "dynamic[:MODEL], self[:LAYER|auto] (output identical to plain decoding)")

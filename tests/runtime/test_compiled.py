@@ -1,5 +1,6 @@
-"""compile=True: AOTInductor packages on disk, and a later process that loads them without
-capturing the model again (the path a user's second run takes)."""
+"""The default compile="auto": AOTInductor packages on disk, one per distinct piece (prologue,
+block, epilogue) of each graph, and a later process that loads them without capturing the
+model again (the path a user's second run takes)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import torch, models, tokenfx
 model = models.llama(layers=2, heads=4, kv_heads=2, head_dim=8)
-gen = tokenfx.Generator(model, compile=True)
+gen = tokenfx.Generator(model)  # the default: compile='auto'
 ids = torch.randint(0, models.VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
 mask = torch.ones_like(ids); mask[1, :3] = 0
 out = gen.generate(ids, attention_mask=mask, max_new_tokens=6, stop=[])
@@ -27,7 +28,8 @@ print(json.dumps({{"built": [str(k) for k in gen._graphs], "tokens": out.tolist(
 
 def _run(cache: Path) -> dict:
     tests = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "TOKENFX_CACHE": str(cache)}
+    env = {k: v for k, v in os.environ.items() if k != "TOKENFX_COMPILE"}  # the user's default
+    env["TOKENFX_CACHE"] = str(cache)
     proc = subprocess.run([sys.executable, "-c", _SCRIPT.format(tests=tests)], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -39,8 +41,10 @@ def test_second_process_loads_packages_without_capture(tmp_path):
 
     first = _run(tmp_path)
     assert first["built"], "the first process captures and compiles"
-    packages = sorted(p.name.split("-")[0] for p in (tmp_path / "aoti").glob("*.pt2"))
-    assert packages == ["decode", "prefill", "prefill_dense"]
+    packages = sorted(tuple(p.name.split("-")[:2]) for p in (tmp_path / "aoti").glob("*.pt2"))
+    # every graph compiled block-wise: its two blocks share one package
+    assert packages == [(graph, piece) for graph in ("decode", "prefill", "prefill_dense")
+                        for piece in ("block", "epilogue", "prologue")]
     second = _run(tmp_path)
     assert second["built"] == [], "a warm process must not capture or run passes"
     model = models.llama(layers=2, heads=4, kv_heads=2, head_dim=8)

@@ -4,6 +4,7 @@ Accepted specs:
 
 - ``tokenfx:<name>`` — a bundled model (:mod:`tokenfx.assets`);
 - a Hugging Face model directory (``config.json`` + ``model.safetensors``);
+- a ``.gguf`` file (llama.cpp's format; dequantized once into an HF directory in the tokenfx cache);
 - a ``.pt2`` file written by ``torch.export.save`` (or ``tokenfx rewrite -o x.pt2``);
 - ``package.module:factory`` — ``factory()`` returns an ``nn.Module`` (Hugging Face) or a
   ``(module, example_inputs)`` pair.
@@ -37,6 +38,10 @@ def load(spec, example_inputs=None) -> ModelGraph:
 
         return load(assets.path(spec.split(":", 1)[1]), example_inputs)
     path = Path(spec)
+    if path.suffix == ".gguf":
+        from tokenfx.frontends.gguf import hf_directory
+
+        return load(hf_directory(path), example_inputs)
     if path.suffix == ".pt2":
         return load_pt2(path)
     if path.suffix == ".onnx":

@@ -49,25 +49,71 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True, dyn
             names = [p for p in inspect.signature(model.forward).parameters][: len(args)]
             kwargs, args = dict(zip(names, args)), ()
         module = hf.wrap(model, list(kwargs))
-    elif hf.is_hf_model(getattr(model, "model", None)):  # a wrapper around one (hf.SentenceEmbedder)
-        config = model.model.config
+    elif (inner := _inner_hf_model(model)) is not None:  # a user's wrapper around one, under any attribute
+        config = inner.config
         family = getattr(config, "model_type", family) or family
     was_training = model.training
     module.eval()
 
-    if dynamic_shapes is None and dynamic:
+    inferred = dynamic_shapes is None and dynamic
+    if inferred:
         dynamic_shapes = _default_dynamic_shapes(args, kwargs, hf.max_tokens(config) if config is not None else None)
     try:
         with torch.no_grad():
-            ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            try:
+                ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            except Exception as exc:
+                if not (inferred and _constraint_violation(exc)):
+                    raise
+                # the model narrows a dim our spec left open (a position table, a guard on N): let
+                # export derive the ranges itself (Dim.AUTO) rather than guess them
+                ep = torch.export.export(module, args, kwargs, dynamic_shapes=_auto(dynamic_shapes), strict=False)
     except Exception as exc:  # torch raises many types (and the wrapper TypeError); the user needs the first line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first}") from exc
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {_explain(exc)}") from exc
     finally:
         model.train(was_training)
     gm = ep.module()
     _remove_identity_ops(gm)
     return ModelGraph(gm, args, kwargs, dynamic_shapes, family=family, config=config, source="export")
+
+
+def _inner_hf_model(model: torch.nn.Module):
+    """The first Hugging Face model inside ``model`` (a pooling / head wrapper), else None."""
+    return next((m for m in model.modules() if m is not model and hf.is_hf_model(m)), None)
+
+
+def _constraint_violation(exc: Exception) -> bool:
+    return "Constraints violated" in str(exc) or type(exc).__name__ in ("ConstraintViolationError", "UserError")
+
+
+def _auto(dynamic_shapes):
+    """The same spec with every named dim replaced by ``Dim.AUTO`` (export infers ranges and relations)."""
+    def one(spec):
+        return None if spec is None else {axis: torch.export.Dim.AUTO for axis in spec}
+
+    if isinstance(dynamic_shapes, dict):
+        return {name: one(spec) for name, spec in dynamic_shapes.items()}
+    return tuple(one(spec) for spec in dynamic_shapes)
+
+
+def _explain(exc: Exception) -> str:
+    """The first line of an export error, plus which dim broke and the fix torch suggests."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    message = lines[0]
+    if _constraint_violation(exc):
+        guards = [line for line in lines if "must be specialized" in line or "not in range" in line
+                  or line.startswith("- ") or "Not all values of" in line]
+        fixes = [line for line in lines if "= Dim(" in line or "Dim.AUTO" in line or "dynamic_shapes" in line.lower()]
+        if guards:
+            message += " — " + "; ".join(guards[:3])
+        if fixes:
+            message += " — suggested fix: " + "; ".join(fixes[:3])
+        message += (" (the model limits a batch or token dim: pass capture(..., dynamic_shapes=...) with that range, "
+                    "or dynamic=False for fixed shapes)")
+    return message
 
 
 def _default_dynamic_shapes(args, kwargs, max_tokens):

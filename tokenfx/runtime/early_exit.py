@@ -148,15 +148,15 @@ class Stages:
         from tokenfx.runtime import executor
 
         if self._warm_key is not None:
-            warm = executor.load_compiled_set(self._warm_key, (label,))
+            warm = executor.load_compiled_set(self._warm_key, (label,), module=self.gen._source)
             if warm is not None:
                 self._runs[label] = warm[0][0]
                 return self._runs[label]
         graph = build(self.gen.tree_graph)
         if self.gen.compile:
-            run = executor.compiled(graph, f"ee-{label}")
-            if self._warm_key is not None:
-                executor.remember_compiled(self._warm_key, label, run)
+            run = self.gen.compiled(graph, f"ee-{label}")
+            if self._warm_key is not None and run is not graph.gm:
+                executor.remember_compiled(self._warm_key, label, run, module=self.gen._source)
         else:
             run = graph.gm
         self._runs[label] = run

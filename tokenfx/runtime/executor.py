@@ -1,12 +1,16 @@
 """Run a ModelGraph: as it is, or compiled ahead of time by AOTInductor with an on-disk cache.
 
-Inductor's compile of a decoder graph takes 20–80 s on a small CPU; paying it in every
-process would cancel the speed-up. :func:`compiled` packages the graph with
-``torch._inductor.aoti_compile_and_package`` once and keeps the package under
-``$TOKENFX_CACHE`` (default ``~/.cache/tokenfx``), keyed by the graph's code, the bytes of
-its weights, its dynamic shapes, the device and the torch version. A later process loads
-the package in well under a second. The package is called like the graph (same inputs,
-same outputs) and has no Python per-op dispatch or guard evaluation per call.
+Inductor's compile of a whole decoder graph takes minutes on a small CPU (84 s for SmolLM2's
+30-block decode graph, a quarter of an hour for its tree graph); paying it in every process
+would cancel the speed-up. :func:`compiled` cuts the graph into prologue, blocks and epilogue
+(:mod:`tokenfx.runtime.regional`) and packages each *distinct* piece once with
+``torch._inductor.aoti_compile_and_package`` — a uniform decoder compiles three small graphs,
+whatever its depth — keyed by the piece's code, shapes, device and the torch version (the
+weights are inputs, so a package serves every model of that architecture). Packages live under
+``$TOKENFX_CACHE`` (default ``~/.cache/tokenfx``); a later process loads them in about a second.
+A graph that does not cut into uniform blocks is packaged whole, keyed by its weights too.
+The result is called like the graph (same inputs, same outputs) with no Python per-op
+dispatch or guard evaluation per call.
 """
 
 from __future__ import annotations
@@ -15,16 +19,14 @@ import hashlib
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from tokenfx.cache import cache_dir
 from tokenfx.ir.graph import ModelGraph
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TOKENFX_CACHE", Path.home() / ".cache" / "tokenfx"))
 
 
 def graph_key(graph: ModelGraph, label: str) -> str:
@@ -48,48 +50,123 @@ def _content_hash(parts, named_tensors) -> str:
     return h.hexdigest()[:24]
 
 
-def compiled(graph: ModelGraph, label: str, *, progress: bool = True):
-    """``graph`` compiled by AOTInductor (from the disk cache when present); returns a callable."""
+def compiled(graph: ModelGraph, label: str, *, progress: bool = True, blockwise: bool = True):
+    """``graph`` compiled by AOTInductor (from the disk cache when present); returns a callable
+    (a :class:`~tokenfx.runtime.regional.Blockwise` runner when the graph cuts into blocks)."""
+    from tokenfx.runtime import regional
+
+    if blockwise:
+        try:
+            pieces = regional.partition(graph)
+        except regional.Uncuttable:
+            pieces = None
+        if pieces is not None:
+            examples = regional.example_values(graph, pieces)
+            device = next((a.device.type for a in graph.example_args if isinstance(a, torch.Tensor)), "cpu")
+            paths, todo = {}, []
+            for key, (args, dynamic) in examples.items():
+                piece = next(p for p in pieces if p.key == key)
+                kind = "prologue" if piece is pieces[0] else "epilogue" if piece is pieces[-1] else "block"
+                ops = _inlined_ops_of(piece.gm, args)
+                parts = (label, kind, key, torch.__version__, device, *(f"inline:{op}" for op in sorted(map(str, ops))))
+                paths[key] = cache_dir() / "aoti" / f"{label}-{kind}-{_content_hash(parts, [])}.pt2"
+                if not paths[key].exists():
+                    todo.append((key, kind, piece, args, dynamic, ops))
+            if todo:
+                with _Progress(f"compiling the {label} graph with AOTInductor", len(todo), progress) as bar:
+                    for i, (key, kind, piece, args, dynamic, ops) in enumerate(todo):
+                        bar.step(f"the {label} graph's {kind} ({i + 1} of {len(todo)}; "
+                                 f"{len(pieces)} pieces share {len(examples)} packages, cached in {cache_dir() / 'aoti'})")
+                        _package(piece.gm, args, dynamic, ops, paths[key])
+            return regional.Blockwise(graph, pieces, {key: _load(path) for key, path in paths.items()})
     key = graph_key(graph, label)
     path = cache_dir() / "aoti" / f"{label}-{key}.pt2"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ep = torch.export.export(graph.gm, graph.example_args, dynamic_shapes=graph.dynamic_shapes, strict=False)
-        table = _inlined_ops(graph)
-        if table:  # on CPU a tokenfx op runs its plain-torch reference: let Inductor compile it in place
-            ep = ep.run_decompositions(table)
         with _status(f"compiling the {label} graph with AOTInductor (once; cached in {path.parent})", progress):
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecation noise
-                staged = Path(tmp) / path.name
-                torch._inductor.aoti_compile_and_package(ep, package_path=str(staged))
-                os.replace(staged, path)  # atomic: a concurrent reader sees the whole package or none
+            _package(graph.gm, graph.example_args, graph.dynamic_shapes, _inlined_ops(graph), path)
     return _load(path)
 
 
-def _inlined_ops(graph: ModelGraph) -> dict:
+def _package(gm, args, dynamic_shapes, table: dict, path: Path) -> None:
+    """Export ``gm`` at ``args`` and write its AOTInductor package to ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch-internal pytree / dynamic-shape deprecation noise
+        ep = torch.export.export(gm, tuple(args), dynamic_shapes=dynamic_shapes, strict=False)
+        if table:  # on CPU a tokenfx op runs its plain-torch reference: let Inductor compile it in place
+            ep = ep.run_decompositions(table)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            staged = Path(tmp) / path.name
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(staged))
+            os.replace(staged, path)  # atomic: a concurrent reader sees the whole package or none
+
+
+def _inlined_ops_of(gm, args) -> dict:
     """``{op: reference}`` for the tokenfx ops of a CPU graph (a Python callback from the compiled
     package per call cost ~0.3 ms for ``tree_attention``); GPU graphs keep the ops (Triton kernels)."""
     from tokenfx.codegen.ops import registered_ops
 
-    if any(a.device.type != "cpu" for a in graph.example_args if isinstance(a, torch.Tensor)):
+    if any(a.device.type != "cpu" for a in args if isinstance(a, torch.Tensor)):
         return {}
-    present = {n.target for n in graph.gm.graph.nodes if n.op == "call_function"}
+    present = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     return {spec.op: spec.reference for spec in registered_ops().values() if spec.op in present}
+
+
+def _inlined_ops(graph: ModelGraph) -> dict:
+    return _inlined_ops_of(graph.gm, graph.example_args)
 
 
 def _load(path: Path):
     # the package calls tokenfx ops by schema: register them even when no graph was built here
+    from torch.utils import _pytree as pytree
+
     from tokenfx.codegen import add_norm, kv_compact, kv_write, tree_attention  # noqa: F401
 
-    runner = torch._inductor.aoti_load_package(str(path))
+    loader = torch._inductor.aoti_load_package(str(path)).loader
+    # the package's own __call__ parses its pytree specs from JSON on every call (~20 µs, and a
+    # block-wise decode step makes one call per block): parse them once
+    out_spec = pytree.treespec_loads(loader.get_call_spec()[1])
+    run = loader.boxed_run
 
     def call(*args):
         # the package was compiled for contiguous inputs and reads them by those strides
-        return runner(*(a if not isinstance(a, torch.Tensor) or a.is_contiguous() else a.contiguous() for a in args))
+        flat = [a if not isinstance(a, torch.Tensor) or a.is_contiguous() else a.contiguous() for a in args]
+        return pytree.tree_unflatten(run(flat), out_spec)
 
     call.package = path
     return call
+
+
+class _Progress:
+    """A progress bar over a compile's pieces, naming the one in work, with the elapsed time."""
+
+    def __init__(self, text: str, total: int, enabled: bool):
+        self.text, self.total, self.enabled, self._bar, self._task = text, total, enabled, None, None
+
+    def __enter__(self):
+        if self.enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.text, total=self.total)
+        self._start = time.perf_counter()
+        self._count = 0
+        return self
+
+    def step(self, what: str) -> None:
+        elapsed = time.perf_counter() - self._start
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self._count, description=f"compiling {what}")
+        elif self.enabled:
+            print(f"tokenfx: compiling {what} [{elapsed:.0f} s]", file=sys.stderr, flush=True)
+        self._count += 1
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.total)
+            self._bar.__exit__(*exc)
 
 
 class _status:
@@ -128,38 +205,30 @@ def _package_digest() -> str:
     return h.hexdigest()
 
 
-def remember_compiled_set(key: str, runners: dict, meta: dict) -> None:
-    """Record which packages a model's graphs compiled to (``runners`` from :func:`compiled`), so
-    the next process can skip building them."""
-    import json
-
-    entry = {"packages": {label: str(run.package) for label, run in runners.items()}, "meta": meta}
-    index = cache_dir() / "sets" / f"{key}.json"
-    index.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entry))
-    os.replace(tmp, index)
+def remember_compiled_set(key: str, runners: dict, meta: dict, module: torch.nn.Module | None = None) -> None:
+    """Record what a model's graphs compiled to (``runners`` from :func:`compiled`), so the next
+    process can skip capturing and rewriting them; block-wise runners name their weights by
+    their path in ``module`` (tables a pass computed are saved beside the index)."""
+    _write_set(key, {"graphs": {label: _entry(key, label, run, module) for label, run in runners.items()}, "meta": meta})
 
 
-def remember_compiled(key: str, label: str, run) -> None:
-    """Add one package to a model's set (graphs built on demand, such as early-exit pieces)."""
+def remember_compiled(key: str, label: str, run, module: torch.nn.Module | None = None) -> None:
+    """Add one graph to a model's set (graphs built on demand, such as the tree graph or early-exit pieces)."""
     import json
 
     index = cache_dir() / "sets" / f"{key}.json"
-    entry = {"packages": {}, "meta": {}}
+    entry = {"graphs": {}, "meta": {}}
     if index.exists():
         try:
             entry = json.loads(index.read_text())
+            entry.setdefault("graphs", {})
         except json.JSONDecodeError:
             pass
-    entry["packages"][label] = str(run.package)
-    index.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entry))
-    os.replace(tmp, index)
+    entry["graphs"][label] = _entry(key, label, run, module)
+    _write_set(key, entry)
 
 
-def load_compiled_set(key: str, labels: tuple[str, ...]):
+def load_compiled_set(key: str, labels: tuple[str, ...], module: torch.nn.Module | None = None):
     """``((callable, …), meta)`` for a model remembered by :func:`remember_compiled_set`, else None."""
     import json
 
@@ -168,9 +237,56 @@ def load_compiled_set(key: str, labels: tuple[str, ...]):
         return None
     try:
         entry = json.loads(index.read_text())
-        paths = [Path(entry["packages"][label]) for label in labels]
-    except (json.JSONDecodeError, KeyError):
-        return None
-    if not all(p.exists() for p in paths):
-        return None
-    return tuple(_load(p) for p in paths), entry["meta"]
+        graphs = [entry["graphs"][label] for label in labels]
+        runners = tuple(_open(graph, module) for graph in graphs)
+    except (json.JSONDecodeError, KeyError, FileNotFoundError, OSError):
+        return None  # an old or partial record: build again
+    return runners, entry["meta"]
+
+
+def _entry(key: str, label: str, run, module) -> dict:
+    from tokenfx.runtime.regional import Blockwise
+
+    if not isinstance(run, Blockwise):
+        return {"package": str(run.package)}
+    if module is None:
+        raise ValueError("a block-wise runner is remembered with the module that owns its weights")
+    plan, extras = run.describe(module)
+    extras_file = None
+    if extras:
+        from safetensors.torch import save_file
+
+        extras_file = cache_dir() / "sets" / f"{key}-{label}.safetensors"
+        extras_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = extras_file.with_suffix(".tmp")
+        save_file(extras, str(tmp))
+        os.replace(tmp, extras_file)
+    return {"blockwise": plan, "extras": str(extras_file) if extras_file else None}
+
+
+def _open(graph: dict, module):
+    if "package" in graph:
+        path = Path(graph["package"])
+        if not path.exists():
+            raise FileNotFoundError(path)
+        return _load(path)
+    from tokenfx.runtime.regional import Blockwise
+
+    if module is None or not all(Path(s["package"]).exists() for s in graph["blockwise"]["steps"]):
+        raise FileNotFoundError("a package of the set is gone")
+    extras = {}
+    if graph.get("extras"):
+        from safetensors.torch import load_file
+
+        extras = load_file(graph["extras"])
+    return Blockwise.restore(graph["blockwise"], module, extras, lambda path: _load(Path(path)))
+
+
+def _write_set(key: str, entry: dict) -> None:
+    import json
+
+    index = cache_dir() / "sets" / f"{key}.json"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entry))
+    os.replace(tmp, index)

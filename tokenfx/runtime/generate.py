@@ -29,9 +29,10 @@ import torch
 from tokenfx.errors import GenerationError, MappingError, ModelLoadError
 from tokenfx.ir.graph import ModelGraph
 from tokenfx.runtime.kv import PrefixCache
+from tokenfx.runtime.timing import RoundClock
 
 
-_BUCKET = 256  # cache length granularity: one compiled shape per bucket, little waste
+_BUCKET = 64  # cache length granularity: attention reads the whole buffer, so keep it tight
 
 
 class Generator:
@@ -39,13 +40,16 @@ class Generator:
 
     ``model``: a Hugging Face causal LM, a :class:`ModelGraph` of one, or any spec
     :func:`tokenfx.load` accepts (``tokenfx:tiny-code``, an HF directory …).
-    ``compile``: ``False`` runs the graphs as they are (fx); ``True`` compiles both with
-    AOTInductor, once per model (packages cached on disk, see :mod:`tokenfx.runtime.executor`).
+    ``compile``: ``"auto"`` (default) and ``True`` compile the graphs with AOTInductor, block by
+    block, once per architecture (packages cached on disk, a progress bar while it runs, see
+    :mod:`tokenfx.runtime.executor`); a later process loads them in about a second. ``"auto"``
+    falls back to the fx graphs when compiling fails or ``TOKENFX_COMPILE=0`` is set;
+    ``False`` runs the fx graphs as they are.
     ``prefix_cache_bytes``: > 0 keeps prompts' K/V in a radix tree for reuse (LRU under the cap).
     """
 
-    def __init__(self, model, *, compile: bool = False, prefix_cache_bytes: int = 0, max_positions: int = 0):
-        self.compile = bool(compile)
+    def __init__(self, model, *, compile: bool | str = "auto", prefix_cache_bytes: int = 0, max_positions: int = 0):
+        self.compile, self._compile_strict = _compile_mode(compile)
         self._max_positions = max_positions
         self.spec = str(model) if isinstance(model, str) or hasattr(model, "__fspath__") else None
         self._source = _resolve(model)  # an nn.Module or a ModelGraph
@@ -55,25 +59,24 @@ class Generator:
         specs = {"prefill": ("prefill", "output", True), "prefill_dense": ("prefill", "output", False),
                  "decode": ("decode", "inplace", True)}
         warm = None
-        if self.compile and isinstance(self._source, torch.nn.Module):
+        module = self._source if isinstance(self._source, torch.nn.Module) else None
+        if self.compile and module is not None:
             from tokenfx.runtime import executor
 
             # a model compiled before (same weights, config, tokenfx and torch): skip capture and passes
-            self._warm_key = executor.module_key(self._source, f"generator:{max_positions}")
-            warm = executor.load_compiled_set(self._warm_key, tuple(specs))
+            self._warm_key = executor.module_key(module, f"generator:{max_positions}")
+            warm = executor.load_compiled_set(self._warm_key, tuple(specs), module=module)
         if warm is not None:
             (self._prefill, self._prefill_dense, self._decode), meta = warm
             self.layout = _layout_from_json(meta["layout"])
         else:
             graphs = {label: self.graph(*spec) for label, spec in specs.items()}
             self.layout = graphs["decode"].kv
-            run = {label: g.gm for label, g in graphs.items()}
-            if self.compile:
+            run = {label: self.compiled(g, label) for label, g in graphs.items()}
+            if self.compile and module is not None:
                 from tokenfx.runtime import executor
 
-                run = {label: executor.compiled(g, label) for label, g in graphs.items()}
-                if isinstance(self._source, torch.nn.Module):
-                    executor.remember_compiled_set(self._warm_key, run, {"layout": _layout_to_json(self.layout)})
+                executor.remember_compiled_set(self._warm_key, run, {"layout": _layout_to_json(self.layout)}, module=module)
             self._prefill, self._prefill_dense, self._decode = run["prefill"], run["prefill_dense"], run["decode"]
         self.vocab_size = int(getattr(self.config, "vocab_size", 0) or 0)
         self.eos_ids, self.pad_id = _special_tokens(self.config)
@@ -81,6 +84,27 @@ class Generator:
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self._buffers: dict = {}
         self.last_stats: dict = {}
+
+    def compiled(self, graph: ModelGraph, label: str):
+        """``graph`` as this Generator runs it: AOTInductor-compiled when it compiles, else the fx
+        graph. Under ``compile="auto"`` a compile that fails (no C++ compiler …) warns once and
+        the Generator goes on with the fx graphs."""
+        if not self.compile:
+            return graph.gm
+        from tokenfx.runtime import executor
+
+        try:
+            return executor.compiled(graph, label)
+        except Exception as exc:
+            if self._compile_strict:
+                raise
+            import warnings
+
+            warnings.warn(f"tokenfx: compiling the {label} graph failed ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); running the fx graphs "
+                          "instead (compile=False skips the attempt)", RuntimeWarning, stacklevel=2)
+            self.compile = False
+            return graph.gm
 
     # -- graphs (built on first use; a warm compiled Generator never needs them to decode) ---------
     @property
@@ -136,23 +160,21 @@ class Generator:
             if label != "tree":
                 raise GenerationError(f"no graph {label!r}; choose prefill, prefill_dense, decode or tree")
             warm_key = None
-            if self.compile and isinstance(self._source, torch.nn.Module):
+            module = self._source if isinstance(self._source, torch.nn.Module) else None
+            if self.compile and module is not None:
                 from tokenfx.runtime import executor
 
-                warm_key = executor.module_key(self._source, f"generator-tree:{self._max_positions}")
-                warm = executor.load_compiled_set(warm_key, ("tree",))
+                warm_key = executor.module_key(module, f"generator-tree:{self._max_positions}")
+                warm = executor.load_compiled_set(warm_key, ("tree",), module=module)
                 if warm is not None:
                     self._runners["tree"] = warm[0][0]
                     return self._runners["tree"]
             graph = self.tree_graph
-            if self.compile:
+            run = self.compiled(graph, "tree")
+            if warm_key is not None and run is not graph.gm:
                 from tokenfx.runtime import executor
 
-                run = executor.compiled(graph, "tree")
-                if warm_key is not None:
-                    executor.remember_compiled_set(warm_key, {"tree": run}, {})
-            else:
-                run = graph.gm
+                executor.remember_compiled_set(warm_key, {"tree": run}, {}, module=module)
             self._runners["tree"] = run
         return self._runners[label]
 
@@ -202,7 +224,9 @@ class Generator:
             step = make_step(self, early_exit, max_new_tokens)
 
         start = time.perf_counter()
+        clock = RoundClock()
         cache, cache_mask, out, slots, positions, logits, reused = self._start(ids, mask, prompt + max_new_tokens)
+        clock.lap("prefill")
         first_token_s = time.perf_counter() - start
 
         position = positions[:, -1:] + 1
@@ -213,6 +237,7 @@ class Generator:
         for steps in range(1, max_new_tokens + 1):
             scores = logits[:, -1, :]
             token = _sample(scores, temperature, top_k, top_p, generator) if sample else scores.argmax(-1)
+            clock.lap("verdict")
             token = torch.where(unfinished, token, pad)
             slot = prompt + steps - 1  # the token's column in ``out`` and its slot in the cache
             out[:, slot] = token
@@ -224,17 +249,21 @@ class Generator:
                     break
             if steps == max_new_tokens:
                 break
+            clock.lap("bookkeeping")
             if step is None:
                 logits, _ = self._decode(token[:, None], position, cache, cache_mask, ones, slots[slot:slot + 1])  # writes K/V
             else:
                 logits = step(token, position, cache, cache_mask, slots[slot:slot + 1], steps - 1)
+            clock.lap("forward")
             cache_mask[:, slot] = 1
             position += 1
         total = prompt + steps
         self._remember(out[:, :total], mask, cache, prompt)
+        clock.lap("bookkeeping")
         seconds = time.perf_counter() - start
         self.last_stats = {"prompt_tokens": prompt, "new_tokens": steps, "batch": batch, "reused_tokens": reused,
-                           "seconds": seconds, "first_token_seconds": first_token_s,
+                           "seconds": seconds, "first_token_seconds": first_token_s, "steps": max(steps - 1, 0),
+                           "accepted_per_step": 1.0, "stages": clock.stats(),
                            "decode_tokens_per_s": (steps - 1) * batch / max(seconds - first_token_s, 1e-9) if steps > 1 else 0.0}
         if step is not None:
             self.last_stats.update(step.stats())
@@ -387,6 +416,17 @@ def _sample(scores: torch.Tensor, temperature: float, top_k, top_p, generator) -
     return torch.multinomial(warp(scores, temperature, top_k, top_p), 1, generator=generator).squeeze(1)
 
 
+def _compile_mode(compile) -> tuple[bool, bool]:
+    """``(compile, strict)`` for ``compile=`` True / False / "auto" (strict: a failed compile raises)."""
+    import os
+
+    if compile == "auto":
+        return os.environ.get("TOKENFX_COMPILE", "1").lower() not in ("0", "false", "off", "no"), False
+    if isinstance(compile, bool):
+        return compile, True
+    raise GenerationError(f"compile must be True, False or 'auto', got {compile!r}")
+
+
 def _as_ids(stop) -> list[int]:
     if isinstance(stop, int):
         return [stop]
@@ -454,6 +494,10 @@ def _model_dir(spec: str):
 
         return Path(assets.path(spec.split(":", 1)[1]))  # unknown names: ModelLoadError listing the bundled ones
     path = Path(spec)
+    if path.suffix == ".gguf":
+        from tokenfx.frontends.gguf import hf_directory
+
+        return hf_directory(path)  # converted once into the tokenfx cache
     return path if path.is_dir() else None
 
 
@@ -495,7 +539,7 @@ _GENERATORS: dict = {}
 
 def generator_for(model, **options) -> Generator:
     """The cached Generator for ``model`` (keyed by object identity or spec string and options)."""
-    options = {"compile": False, **options}
+    options = {"compile": "auto", **options}
     key = (model if isinstance(model, str) else id(model), tuple(sorted(options.items())))
     gen = _GENERATORS.get(key)
     if gen is None or (not isinstance(model, str) and gen._owner is not model):
@@ -507,7 +551,7 @@ def generator_for(model, **options) -> Generator:
 
 def generate(model, input_ids, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0, top_k=None,
              top_p=None, seed=None, stop=None, speculate=None, tree=None, tree_budget=None, stream=None,
-             compile: bool = False) -> torch.Tensor:
+             compile: bool | str = "auto") -> torch.Tensor:
     """Generate with ``model`` (HF causal LM, ModelGraph or model spec); returns ``[B, prompt + new]``.
 
     The prefill / decode graphs are built on first use and cached for the model;

@@ -33,6 +33,7 @@ from tokenfx.errors import GenerationError
 from tokenfx.runtime.generate import _sample
 from tokenfx.runtime.speculative import verify as V
 from tokenfx.runtime.speculative.tree import batch_closure
+from tokenfx.runtime.timing import RoundClock
 
 
 @dataclasses.dataclass
@@ -155,7 +156,9 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
     sizer = _Sizer(gen.verify_cost(batch), drafter) if auto else None
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     start_time = time.perf_counter()
+    clock = RoundClock()
     cache, cache_mask, out, slots, _, logits, reused = gen._start(ids, mask, prompt + max_new_tokens + nodes)
+    clock.lap("prefill")
     seq = out[:, :prompt + max_new_tokens]  # committed tokens per row (a view of the request's buffer)
     seq[:, prompt:] = pad  # columns a finished row never reaches read as padding
     first_token_s = time.perf_counter() - start_time
@@ -173,7 +176,9 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
     pads = prompt - mask.sum(-1)
     state = State(seq, length, pads, prompt, finished, nodes, torch.zeros(batch, dtype=torch.long, device=device),
                   temperature, top_k, top_p, generator, cache, cache_mask, slots)
-    drafter.begin(state)
+    clock.lap("bookkeeping")
+    drafter.begin(state)  # per-request drafter set-up (Token Recycling seeds the prompt's tokens) counts as drafting
+    clock.lap("draft")
     rounds, row_steps, emitted_total = 0, 0, 0
     rows = torch.arange(batch, device=device)
     while not bool(finished.all()) and bool((length < prompt + max_new_tokens).any()):
@@ -186,7 +191,9 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         round_start = time.perf_counter()
         write = int(length.max()) - 1  # scratch after every row's cached columns (the root's slot onwards)
         state.write = write
+        clock.lap("bookkeeping")
         draft = drafter.propose(state)
+        clock.lap("draft")
         if draft.tokens.shape[1] > nodes:
             raise GenerationError(f"drafter {drafter.name} proposed {draft.tokens.shape[1]} nodes; at most {nodes} fit")
         depth, tree_mask = draft.closure if draft.closure is not None else batch_closure(draft.parents)
@@ -198,21 +205,25 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         t = draft.tokens.shape[1]
         node_positions = (positions_of(length - 1, pads)[:, None] + depth).clamp(max=gen.layout.max_positions - 1)
         tokens = torch.where(draft.valid, draft.tokens, 0)  # padding nodes: any id in the vocabulary (masked)
+        clock.lap("bookkeeping")
         call_start = time.perf_counter()
         logits = drafter.verify(gen, tokens.contiguous(), node_positions.contiguous(), cache, cache_mask,
                                 tree_mask.contiguous(), slots[write:write + t])
         call_seconds = time.perf_counter() - call_start
+        clock.lap("forward")
         if sampling:
             probs = V.warp(logits, temperature, top_k, top_p)
             verdict = V.sample(tokens, draft.parents, draft.valid, tree_mask, depth, probs, generator, draft.q)
         else:
             verdict = V.greedy(tokens, draft.parents, draft.valid, tree_mask, depth, logits)
+        clock.lap("verdict")
         # K/V of the root and the accepted nodes → the row's next slots (columns)
         steps = verdict.path.shape[1]
         src = write + verdict.path
         dst = cached[:, None] + torch.arange(steps, device=device)
         dst = torch.minimum(dst, (cached + verdict.length - 1)[:, None])  # padding repeats the last pair
         torch.ops.tokenfx.kv_compact(cache, src, dst)
+        clock.lap("kv_compact")
         keep = torch.arange(cache_mask.shape[1], device=device)[None, :]
         cache_mask |= ((keep >= cached[:, None]) & (keep < (cached + verdict.length)[:, None])).long()
         # the emitted tokens: accepted draft tokens, then the bonus
@@ -234,7 +245,9 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         if stream is not None:
             for j in range(int(count.max())):  # one call per emitted column; -1: this row has no token there
                 stream(torch.where(count > j, emitted[:, j], -1))
+        clock.lap("bookkeeping")
         drafter.update(state, draft, logits, verdict)
+        clock.lap("update")
         active = ~finished
         row_steps += int(active.sum())
         emitted_total += int(count[active].sum())
@@ -246,11 +259,13 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
         if sizer is not None:
             sizer.observe(time.perf_counter() - round_start - call_seconds, t, call_seconds)
     total = int(length.max())
+    clock.lap("bookkeeping")
     seconds = time.perf_counter() - start_time
     new_tokens = total - prompt
     gen.last_stats = {"prompt_tokens": prompt, "new_tokens": new_tokens, "batch": batch, "reused_tokens": reused,
                       "seconds": seconds, "first_token_seconds": first_token_s, "steps": rounds,
                       "accepted_per_step": emitted_total / max(row_steps, 1),  # tokens per verify step and row
+                      "stages": clock.stats(),
                       "drafter": drafter.name, "tree_nodes": len(drafter.tree) if hasattr(drafter, "tree") else nodes,
                       "decode_tokens_per_s": (new_tokens - 1) * batch / max(seconds - first_token_s, 1e-9)}
     if gen.prefix_cache is not None:  # each row's columns [pad, cached) hold its tokens' K/V

@@ -81,10 +81,51 @@ class TokenRecycling(Drafter):
         vocab = generator.vocab_size
         if self.adj is not None and self.adj.shape[0] == vocab:
             return  # hot: kept across requests
-        if self.warm_start:
-            self.adj = _next_token_topk(generator, self.k)
-        else:
-            self.adj = torch.arange(self.k).expand(vocab, self.k).contiguous()
+        self._store = _matrix_file(generator, self.k)
+        if self._store is not None and self._store.exists():  # kept across processes, as across requests
+            try:
+                from safetensors.torch import load_file
+
+                saved = load_file(str(self._store))
+                if saved["adj"].shape == (vocab, self.k):
+                    self.adj, self.seeded = saved["adj"].long(), saved["seeded"].bool()
+                    self._generator = generator
+                    return
+            except Exception:  # a damaged file: start over
+                pass
+        self.adj = torch.arange(self.k).expand(vocab, self.k).contiguous()
+        self.seeded = torch.zeros(vocab, dtype=torch.bool)
+        self._generator = generator
+        if self.warm_start and vocab <= 8192:  # small vocabularies: seed every row at once
+            self._seed(torch.arange(vocab))
+
+    def begin(self, state: State) -> None:
+        """Seed the rows of the prompt's tokens not seen yet (the target's next-token top-k after
+        each token alone: one batched call over the new ones), and keep the matrix on disk."""
+        if not self.warm_start:
+            return
+        tokens = torch.unique(torch.cat([state.row(b) for b in range(state.tokens.shape[0])]).cpu())
+        fresh = tokens[~self.seeded[tokens]]
+        if fresh.numel():
+            self._seed(fresh)
+        self.save()
+
+    def _seed(self, tokens: torch.Tensor) -> None:
+        self.adj[tokens] = _next_token_topk(self._generator, self.k, tokens)
+        self.seeded[tokens] = True
+
+    def save(self) -> None:
+        """Write the matrix to the tokenfx cache (per model), atomically."""
+        if getattr(self, "_store", None) is None:
+            return
+        import os
+
+        from safetensors.torch import save_file
+
+        self._store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._store.with_suffix(".tmp")
+        save_file({"adj": self.adj.to(torch.int32), "seeded": self.seeded.to(torch.uint8)}, str(tmp))
+        os.replace(tmp, self._store)
 
     def propose(self, state: State) -> Draft:
         b = state.tokens.shape[0]
@@ -111,17 +152,31 @@ class TokenRecycling(Drafter):
             self.tries.index_add_(0, self.active, tried.float().sum(0))
 
 
-def _next_token_topk(generator, k: int, chunk: int = 512) -> torch.Tensor:
-    """``[V, k]``: the target's top-k next tokens after each token alone (position 0)."""
-    vocab = generator.vocab_size
+def _next_token_topk(generator, k: int, tokens: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """``[len(tokens), k]``: the target's top-k next tokens after each token alone (position 0)."""
     run = generator.runner("prefill_dense")
     rows = []
     with torch.inference_mode():
-        for lo in range(0, vocab, chunk):
-            ids = torch.arange(lo, min(lo + chunk, vocab))[:, None]
+        for lo in range(0, tokens.numel(), chunk):
+            ids = tokens[lo:lo + chunk, None].contiguous()
             logits, _ = run(ids, torch.zeros_like(ids))
             rows.append(torch.topk(logits[:, -1], k, dim=-1).indices)
     return torch.cat(rows)
+
+
+def _matrix_file(generator, k: int):
+    """Where a model's Token Recycling matrix is kept (None for a graph without its module)."""
+    module = generator._source if isinstance(generator._source, torch.nn.Module) else None
+    if module is None:
+        return None
+    key = getattr(generator, "_warm_key", None)
+    if key is None:
+        from tokenfx.runtime import executor
+
+        key = executor.module_key(module, "generator")
+    from tokenfx.cache import cache_dir
+
+    return cache_dir() / "drafters" / f"recycling-{key}-k{k}.safetensors"
 
 
 class PromptLookup(Drafter):
