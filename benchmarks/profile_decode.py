@@ -110,8 +110,8 @@ def main() -> int:
     with torch.inference_mode():
         for kind, text, ids in prompts:
             def hf():
-                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False, pad_token_id=gen.pad_id)
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                      eos_token_id=[], pad_token_id=gen.pad_id)
 
             reference = hf()  # warm-up and the reference
             seconds = min(_timed(hf) for _ in range(2))

@@ -193,3 +193,15 @@ def test_rewrite_kv_cache_from_a_model_captured_with_its_attention_mask(capsys, 
     import onnx
 
     assert [i.name for i in onnx.load(out_file).graph.input] == ["tokens", "positions", "kv_cache", "cache_mask", "token_mask"]
+
+
+def test_chat_needs_a_chat_template(capsys):
+    code, _, err = run(capsys, "generate", "tokenfx:tiny-code", "--prompt", "hi", "--chat", "--max-new-tokens", "2")
+    assert code == 2 and "has no chat template" in err and "Traceback" not in err
+
+
+def test_chat_applies_the_template(capsys):
+    code, out, _ = run(capsys, "generate", "tokenfx:smollm2", "--chat", "--prompt", "What is the capital of France?",
+                       "--max-new-tokens", "10", "--no-compile", "--json")
+    assert code == 0
+    assert "Paris" in json.loads(out)["text"]

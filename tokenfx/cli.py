@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job end to end on the bundled default model")
     p.add_argument("--model", default="tokenfx:minilm", help="the encoder to rewrite")
     p.add_argument("--out", default="out/demo", help="where the rewritten model and report go")
-    p.add_argument("--no-decoder", action="store_true", help="skip the tokenfx:tiny-code generation part")
+    p.add_argument("--no-decoder", action="store_true", help="skip the tokenfx:smollm2 generation part")
     p.add_argument("--no-compile", action="store_true", help="run the decoder graphs without AOTInductor")
     p.set_defaults(func=cmd_demo)
     return parser

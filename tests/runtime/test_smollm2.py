@@ -49,8 +49,8 @@ def test_greedy_token_identical_to_hf(smollm2, prompt):
     hf, gen, tokenizer = smollm2
     ids = _chat(tokenizer, prompt)
     with torch.inference_mode():
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
-                          do_sample=False, pad_token_id=gen.pad_id)
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                          eos_token_id=[], pad_token_id=gen.pad_id)
         assert torch.equal(gen.generate(ids, max_new_tokens=24, stop=[]), ref)
 
 
@@ -59,7 +59,7 @@ def test_padded_batch_of_four_token_identical_to_hf(smollm2):
     batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
     assert bool((batch["attention_mask"] == 0).any()), "the batch is padded"
     with torch.inference_mode():
-        ref = hf.generate(**batch, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=gen.pad_id)
+        ref = hf.generate(**batch, max_new_tokens=16, do_sample=False, eos_token_id=[], pad_token_id=gen.pad_id)
         out = gen.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=16, stop=[])
     assert torch.equal(out, ref)
 
