@@ -1,6 +1,7 @@
-"""Is ``tokenfx.Generator`` faster than Hugging Face ``generate`` on the bundled tiny-code model?
+"""Is ``tokenfx.Generator`` faster than Hugging Face ``generate`` on a real pretrained LM?
 
-Model: ``tokenfx:tiny-code`` (Llama, 6 layers, hidden 256, 8 heads / 2 kv heads, 5.3 M params,
+Model (``--model``): ``tokenfx:smollm2`` by default (SmolLM2-135M-Instruct, Llama, 30 layers,
+hidden 576, 9 heads / 3 kv heads, vocab 49 152), or ``tokenfx:tiny-code`` (6 layers, 5.3 M params,
 vocab 4096), loaded once with ``AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)``;
 the *same* model object goes to HF ``generate`` and to every ``tokenfx.Generator``. Prompts are
 real held-out code: the ``held_out`` files of ``tiny-code/split.json`` (Python stdlib files the
@@ -15,7 +16,7 @@ What is measured, in one run on one machine:
                           eos_token_id=[], pad_token_id=1)`` (``eos_token_id=[]``: never stops
                           early; ``None`` would be replaced by the model's generation config)
       tokenfx_eager     ``Generator(model, compile=False).generate(…, stop=[])``
-      tokenfx_compiled  ``Generator(model, compile=True)`` (AOTInductor prefill + decode graphs)
+      tokenfx_compiled  ``Generator(model)``: the default ``compile="auto"`` (AOTInductor, block by block)
     tokens/s = batch · N / wall seconds of the whole generate call; time to first token (TTFT)
     is ``last_stats["first_token_seconds"]`` for tokenfx and, for HF, the time from the call to
     the streamer receiving the first new token. ratio = tokenfx tokens/s / HF tokens/s (target of
@@ -85,7 +86,8 @@ import tokenfx  # noqa: E402
 from tokenfx.runtime import executor  # noqa: E402
 from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
 
-MODEL = "tiny-code"
+MODEL = "smollm2"
+SPLIT = "tiny-code"  # the held-out stdlib files the prompts come from (tokenized with the model's tokenizer)
 PROMPT_LENGTHS = (128, 512, 1024)
 BATCHES = (1, 4)
 PREFIX_TOKENS = 512
@@ -212,9 +214,9 @@ def build_generators(model, progress, task) -> tuple[dict, dict]:
     progress.advance(task)
 
     before = aoti_files()
-    progress.update(task, description="(c) Generator(compile=True): capture + passes + AOTInductor")
+    progress.update(task, description="(c) Generator(model), the default: capture + passes + AOTInductor")
     start = time.perf_counter()
-    gens["tokenfx_compiled"] = tokenfx.Generator(model, compile=True)
+    gens["tokenfx_compiled"] = tokenfx.Generator(model)  # the default path: compile="auto"
     info["compiled_s"] = time.perf_counter() - start
     new = sorted(aoti_files() - before)
     info["compiled_packages_created"] = new
@@ -223,7 +225,7 @@ def build_generators(model, progress, task) -> tuple[dict, dict]:
 
     progress.update(task, description="(c) Generator(compile=True, prefix cache)")
     start = time.perf_counter()
-    gens["tokenfx_prefix_cache"] = tokenfx.Generator(model, compile=True, prefix_cache_bytes=PREFIX_CACHE_BYTES)
+    gens["tokenfx_prefix_cache"] = tokenfx.Generator(model, prefix_cache_bytes=PREFIX_CACHE_BYTES)
     info["prefix_cache_compiled_s"] = time.perf_counter() - start
     info["prefix_cache_packages_created"] = sorted(aoti_files() - before - set(new))
     progress.advance(task)
@@ -413,7 +415,7 @@ def plot(results: dict, path: Path) -> None:
     ax_b.margins(y=0.12)
     machine = results["machine"]
     cpu = machine["cpu_model"] or machine["processor"] or machine["machine"]
-    fig.suptitle(f"tokenfx.Generator vs HF generate, tiny-code (Llama 5.3 M), fp32, CPU: {cpu}, "
+    fig.suptitle(f"tokenfx.Generator vs HF generate, {results['model']['name']}, fp32, CPU: {cpu}, "
                  f"{machine['cpu_count']} cores, {machine['torch_threads']} torch thread(s)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -479,6 +481,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on a machine shared with other work, "
                              "more threads stall at OpenMP barriers)")
+    parser.add_argument("--model", default=MODEL, help="bundled model name (default smollm2)")
+    parser.add_argument("--lengths", default=",".join(map(str, PROMPT_LENGTHS)), help="prompt lengths, comma-separated")
     parser.add_argument("--cold", action="store_true",
                         help="fresh temporary $TOKENFX_CACHE and Inductor cache, so the compile is timed cold")
     args = parser.parse_args(argv)
@@ -498,10 +502,12 @@ def main(argv=None) -> None:
     console = Console(width=max(Console().width, 150))
     started = time.perf_counter()
     machine = machine_info()  # at the start: load average, and the package source this run imported
-    model_dir = Path(tokenfx.assets.path(MODEL))
+    global PROMPT_LENGTHS
+    PROMPT_LENGTHS = tuple(int(x) for x in args.lengths.split(","))
+    model_dir = Path(tokenfx.assets.path(args.model))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids, data = held_out_tokens(model_dir, tokenizer)
+    ids, data = held_out_tokens(Path(tokenfx.assets.path(SPLIT)), tokenizer)
     windows = Windows(ids)
     prompts = {length: [windows.take(length) for _ in range(max(BATCHES))] for length in PROMPT_LENGTHS}
 
@@ -531,7 +537,7 @@ def main(argv=None) -> None:
         "ratio_meaning": "(a) tokenfx tokens/s / HF tokens/s, > 1: tokenfx faster (target >= 1.5 compiled); "
                          "(b) TTFT without prefix cache / TTFT with it (target >= 5)",
         "machine": machine,
-        "model": {"name": f"tokenfx:{MODEL}", "class": type(model).__name__, "dtype": "float32",
+        "model": {"name": f"tokenfx:{args.model}", "class": type(model).__name__, "dtype": "float32",
                   "attn_implementation": model.config._attn_implementation,
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "layers": model.config.num_hidden_layers, "vocab_size": model.config.vocab_size},

@@ -60,3 +60,17 @@ def test_a_graph_without_blocks_is_uncuttable():
     graph = capture(mlp, (torch.randn(2, 4),), dynamic=False)
     with pytest.raises(regional.Uncuttable):
         regional.partition(graph)
+
+
+def test_an_early_exit_piece_cuts_at_its_own_layers(gen):
+    from tokenfx.passes import early_exit as E
+
+    graph = E.piece(gen.tree_graph, 1, 3, True)  # blocks 1 and 2, from the residual stream entering block 1
+    pieces = regional.partition(graph)
+    assert [p.layer for p in pieces] == [None, 1, 2, None] and pieces[1].key == pieces[2].key
+    runner = regional.Blockwise(graph, pieces, {p.key: p.gm for p in pieces})
+    a, b = ([x.clone() for x in graph.example_args] for _ in range(2))
+    with torch.inference_mode():
+        for w, c in zip(graph.gm(*a), runner(*b)):
+            torch.testing.assert_close(c, w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b[2], a[2], rtol=1e-5, atol=1e-5)  # layers 1 and 2 of the cache written alike

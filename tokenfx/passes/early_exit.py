@@ -141,6 +141,7 @@ def piece(graph: ModelGraph, start: int, stop: int, head: bool = False, trace: b
     g = new.gm.graph
     hidden = [env[n] for n in a.hidden]
     if h is not None:
+        h.meta = dict(hidden[start].meta)  # the value it stands for: structure recovery finds the stream
         hidden[start].replace_all_uses_with(h)
         hidden[start] = h
     out = hidden[stop]

@@ -68,6 +68,8 @@ def partition(graph: ModelGraph) -> list[Piece]:
     level: dict[Node, int] = {}
     part: dict[Node, int] = {}
     boundary = {h: i for i, h in enumerate(hidden)}
+    if hidden[0].op == "placeholder":  # an early-exit piece: the stream enters as an input
+        level[hidden[0]] = 0
     for n in nodes:
         if n.op in ("placeholder", "get_attr", "output"):
             continue
@@ -99,10 +101,21 @@ def partition(graph: ModelGraph) -> list[Piece]:
     pieces = []
     for p in range(num + 2):
         members = [n for n in nodes if part.get(n) == p]
-        layer = p - 1 if 1 <= p <= num else None
+        layer = _cache_layer(members, cache, default=p - 1) if 1 <= p <= num else None
         pieces.append(_extract(gm, members, part, free, p, output, cache, layer))
     _check_order(pieces)
     return pieces
+
+
+def _cache_layer(members: list, cache, default: int) -> int:
+    """The cache layer a block's nodes read and write (their ``select`` / ``kv_write`` index)."""
+    layers = {n.args[1] for n in members if n.args and n.args[0] is cache and cache is not None
+              and n.target is torch.ops.tokenfx.kv_write.default}
+    layers |= {n.args[2] for n in members if n.args and n.args[0] is cache and cache is not None
+               and n.target is aten.select.int and n.args[1] == 0}
+    if len(layers) > 1:
+        raise Uncuttable(f"a block touches cache layers {sorted(layers)}")
+    return layers.pop() if layers else default
 
 
 def _user_pieces(node: Node, part: dict, free: set) -> set:
