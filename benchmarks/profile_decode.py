@@ -105,19 +105,25 @@ def main() -> int:
     model = gen._source
     prompts = [(kind, text, encode(tokenizer, kind, text)) for kind, text in PROMPTS]
     n = args.new_tokens
-    results = {m: {"seconds": 0.0, "tokens": 0, "steps": 0, "stages": dict.fromkeys(STAGES, 0.0), "identical": 0}
-               for m in ["hf_greedy", *methods]}
+    kinds = sorted({kind for kind, _ in PROMPTS})
+    names = ["hf_greedy", "hf_lookup", *methods]
+    results = {kind: {m: {"seconds": 0.0, "tokens": 0, "steps": 0, "stages": dict.fromkeys(STAGES, 0.0), "identical": 0,
+                          "prompts": 0} for m in names} for kind in kinds}
     with torch.inference_mode():
         for kind, text, ids in prompts:
-            def hf():
+            def hf(**extra):
                 return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                      eos_token_id=[], pad_token_id=gen.pad_id)
+                                      eos_token_id=[], pad_token_id=gen.pad_id, **extra)
 
             reference = hf()  # warm-up and the reference
-            seconds = min(_timed(hf) for _ in range(2))
-            results["hf_greedy"]["seconds"] += seconds
-            results["hf_greedy"]["tokens"] += n
-            results["hf_greedy"]["identical"] += 1
+            for name, call in (("hf_greedy", hf), ("hf_lookup", lambda: hf(prompt_lookup_num_tokens=10))):
+                out = call()
+                seconds = min(_timed(call) for _ in range(2))
+                r = results[kind][name]
+                r["seconds"] += seconds
+                r["tokens"] += n
+                r["prompts"] += 1
+                r["identical"] += int(torch.equal(out, reference))
             for method in methods:
                 speculate = METHODS[method]
 
@@ -129,10 +135,11 @@ def main() -> int:
                 out = ours()
                 seconds = time.perf_counter() - start
                 stats = gen.last_stats
-                r = results[method]
+                r = results[kind][method]
                 r["seconds"] += seconds
                 r["tokens"] += n
                 r["steps"] += stats["steps"]
+                r["prompts"] += 1
                 r["identical"] += int(torch.equal(out, reference))
                 for stage, value in stats["stages"].items():
                     r["stages"][stage] += value
@@ -141,33 +148,44 @@ def main() -> int:
     bw = bandwidth_gb_s(args.bandwidth_mib)
     weights = weight_bytes(model)
     ceiling = bw * 1e9 / weights  # greedy tokens/s if a step only streamed its weights
-    hf_tps = results["hf_greedy"]["tokens"] / results["hf_greedy"]["seconds"]
     summary = {}
-    for method, r in results.items():
-        tps = r["tokens"] / r["seconds"]
-        summary[method] = {
-            "tokens_per_s": tps, "x_hf_greedy": tps / hf_tps, "identical": f"{r['identical']}/{len(prompts)}",
-            "tokens_per_step": r["tokens"] / r["steps"] if r["steps"] else None,
-            "ms_per_token": {k: v * 1e3 / r["tokens"] for k, v in r["stages"].items()},
-            "fraction_of_ceiling": tps / ceiling,
-        }
+    for kind in kinds:
+        hf_tps = results[kind]["hf_greedy"]["tokens"] / results[kind]["hf_greedy"]["seconds"]
+        greedy = results[kind].get("greedy")
+        fx_tps = greedy["tokens"] / greedy["seconds"] if greedy else None
+        summary[kind] = {}
+        for method, r in results[kind].items():
+            tps = r["tokens"] / r["seconds"]
+            summary[kind][method] = {
+                "tokens_per_s": tps, "x_hf_greedy": tps / hf_tps, "x_tokenfx_greedy": tps / fx_tps if fx_tps else None,
+                "identical": f"{r['identical']}/{r['prompts']}",
+                "tokens_per_step": r["tokens"] / r["steps"] if r["steps"] else None,
+                "ms_per_token": {k: v * 1e3 / r["tokens"] for k, v in r["stages"].items()},
+                "fraction_of_ceiling": tps / ceiling,
+            }
     costs = {str(k): v * 1e3 for k, v in gen.verify_cost(1).items()} if any(METHODS[m] for m in methods) else {}
     record = {
-        "model": args.model, "new_tokens": n, "threads": args.threads, "prompts": [[k, t] for k, t, _ in PROMPTS],
+        "model": args.model, "new_tokens": n, "threads": args.threads, "batch": 1, "prompts": [list(p) for p in PROMPTS],
         "generator_build_seconds": build_s, "bandwidth_gb_s": bw, "weight_bytes": weights,
         "greedy_ceiling_tokens_per_s": ceiling, "tree_verify_ms_by_nodes": costs, "methods": summary,
+        "hf_lookup_call": "model.generate(..., prompt_lookup_num_tokens=10)",
         "machine": machine_info(),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile_decode.json").write_text(json.dumps(record, indent=2))
-    print(f"\nweights {weights / 1e6:.0f} MB, bandwidth {bw:.1f} GB/s → greedy ceiling {ceiling:.1f} tok/s")
-    print("| method | tok/s | × HF greedy | tokens / step | % of ceiling | " + " | ".join(STAGES) + " (ms / token) | identical |")
-    print("| --- " * (6 + len(STAGES)) + "|")
-    for method, s in summary.items():
-        steps = f"{s['tokens_per_step']:.2f}" if s["tokens_per_step"] else "–"
-        print(f"| {method} | {s['tokens_per_s']:.1f} | {s['x_hf_greedy']:.2f} | {steps} | {100 * s['fraction_of_ceiling']:.0f} | "
-              + " | ".join(f"{s['ms_per_token'][k]:.1f}" for k in STAGES) + f" | {s['identical']} |")
+    print(f"\nweights {weights / 1e6:.0f} MB, bandwidth {bw:.1f} GB/s → greedy ceiling {ceiling:.1f} tok/s; "
+          f"tree verify ms by nodes {({k: round(v, 1) for k, v in costs.items()})}")
+    print("| prompts | method | tok/s | × HF greedy | × tokenfx greedy | tokens / step | % of ceiling | "
+          + " | ".join(STAGES) + " (ms / token) | identical |")
+    print("| --- " * (8 + len(STAGES)) + "|")
+    for kind in kinds:
+        for method, s in summary[kind].items():
+            steps = f"{s['tokens_per_step']:.2f}" if s["tokens_per_step"] else "–"
+            xfx = f"{s['x_tokenfx_greedy']:.2f}" if s["x_tokenfx_greedy"] else "–"
+            print(f"| {kind} | {method} | {s['tokens_per_s']:.1f} | {s['x_hf_greedy']:.2f} | {xfx} | {steps} | "
+                  f"{100 * s['fraction_of_ceiling']:.0f} | " + " | ".join(f"{s['ms_per_token'][k]:.1f}" for k in STAGES)
+                  + f" | {s['identical']} |")
     _plot(record, out / "profile_decode.png")
     return 0
 
@@ -178,18 +196,23 @@ def _plot(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [m for m in record["methods"] if m != "hf_greedy"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    bottom = [0.0] * len(names)
-    for stage in STAGES:
-        values = [record["methods"][m]["ms_per_token"][stage] for m in names]
-        ax.bar(names, values, bottom=bottom, label=stage)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    hf_ms = 1e3 / record["methods"]["hf_greedy"]["tokens_per_s"]
-    ax.axhline(hf_ms, color="k", linestyle="--", label=f"HF greedy ({hf_ms:.1f} ms)")
-    ax.axhline(1e3 / record["greedy_ceiling_tokens_per_s"], color="grey", linestyle=":", label="bandwidth ceiling")
-    ax.set_ylabel("ms per generated token")
-    ax.legend(fontsize=8)
+    kinds = list(record["methods"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        methods = record["methods"][kind]
+        names = [m for m in methods if not m.startswith("hf_")]
+        bottom = [0.0] * len(names)
+        for stage in STAGES:
+            values = [methods[m]["ms_per_token"][stage] for m in names]
+            ax.bar(names, values, bottom=bottom, label=stage)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        for name, style in (("hf_greedy", "--"), ("hf_lookup", "-.")):
+            ms = 1e3 / methods[name]["tokens_per_s"]
+            ax.axhline(ms, color="k", linestyle=style, label=f"{name} ({ms:.1f} ms)")
+        ax.axhline(1e3 / record["greedy_ceiling_tokens_per_s"], color="grey", linestyle=":", label="bandwidth ceiling")
+        ax.set_title(f"{kind} prompts")
+        ax.set_ylabel("ms per generated token")
+        ax.legend(fontsize=7)
     save_figure(fig, path, record["machine"], f"{record['model']}: where decoding time goes (batch 1)")
 
 

@@ -8,14 +8,16 @@ Public API::
     tokenfx.export_onnx(g2, "m.onnx")
     g.structure                                      # the recovered ModelMap
     tokenfx.load("tokenfx:minilm")                   # HF dir, .pt2, .onnx, bundled name, module:factory
-    tokenfx.generate("tokenfx:tiny-code", ids, max_new_tokens=32)   # KV-cached decoding, HF semantics
+    tokenfx.generate("tokenfx:smollm2", ids, max_new_tokens=32)     # KV-cached decoding, HF semantics, compiled
+    tokenfx.load_tokenizer("tokenfx:smollm2")                      # its tokenizer (left padding, chat template)
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "optimize", "export_onnx", "load", "generate", "Generator", "assets", "ModelGraph", "__version__"]
+__all__ = ["capture", "optimize", "export_onnx", "load", "load_tokenizer", "generate", "Generator", "assets", "ModelGraph",
+           "__version__"]
 
 
 def __getattr__(name):  # keep ``import tokenfx`` fast: torch-heavy modules load on first use
@@ -35,7 +37,7 @@ def __getattr__(name):  # keep ``import tokenfx`` fast: torch-heavy modules load
         from tokenfx.frontends.load import load
 
         return load
-    if name in ("generate", "Generator"):
+    if name in ("generate", "Generator", "load_tokenizer"):
         from tokenfx.runtime import generate as _generate
 
         return getattr(_generate, name)

@@ -68,8 +68,10 @@ def compiled(graph: ModelGraph, label: str, *, progress: bool = True, blockwise:
                 piece = next(p for p in pieces if p.key == key)
                 kind = "prologue" if piece is pieces[0] else "epilogue" if piece is pieces[-1] else "block"
                 ops = _inlined_ops_of(piece.gm, args)
-                parts = (label, kind, key, torch.__version__, device, *(f"inline:{op}" for op in sorted(map(str, ops))))
-                paths[key] = cache_dir() / "aoti" / f"{label}-{kind}-{_content_hash(parts, [])}.pt2"
+                # keyed by the piece's code alone: a block shared by several graphs (early-exit pieces
+                # of the tree graph) compiles once
+                parts = (kind, key, torch.__version__, device, *(f"inline:{op}" for op in sorted(map(str, ops))))
+                paths[key] = cache_dir() / "aoti" / f"{kind}-{_content_hash(parts, [])}.pt2"
                 if not paths[key].exists():
                     todo.append((key, kind, piece, args, dynamic, ops))
             if todo:
