@@ -466,6 +466,7 @@ def summarize(console: Console, results: dict) -> None:
 
 
 def main(argv=None) -> None:
+    global PROMPT_LENGTHS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
@@ -502,7 +503,6 @@ def main(argv=None) -> None:
     console = Console(width=max(Console().width, 150))
     started = time.perf_counter()
     machine = machine_info()  # at the start: load average, and the package source this run imported
-    global PROMPT_LENGTHS
     PROMPT_LENGTHS = tuple(int(x) for x in args.lengths.split(","))
     model_dir = Path(tokenfx.assets.path(args.model))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
