@@ -311,7 +311,8 @@ class Generator:
         key = (speculate, id(tree))
         drafters = self.__dict__.setdefault("_drafters", {})
         if key not in drafters:
-            drafters[key] = make_drafter(speculate, tree=tree, compile=self.compile)
+            compile = self.compile if self._compile_strict or not self.compile else "auto"  # a draft model as this one
+            drafters[key] = make_drafter(speculate, tree=tree, compile=compile)
         return drafters[key]
 
     # -- pieces -------------------------------------------------------------------------------------

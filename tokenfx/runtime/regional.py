@@ -96,13 +96,12 @@ def partition(graph: ModelGraph) -> list[Piece]:
             continue
         users = _user_pieces(n, part, free)
         part[n] = users.pop() if len(users) == 1 and -1 not in users else 0
-    output = next(n for n in nodes if n.op == "output")
     cache = next((n for n in nodes if n.op == "placeholder" and n.name == "kv_cache"), None)
     pieces = []
     for p in range(num + 2):
         members = [n for n in nodes if part.get(n) == p]
         layer = _cache_layer(members, cache, default=p - 1) if 1 <= p <= num else None
-        pieces.append(_extract(gm, members, part, free, p, output, cache, layer))
+        pieces.append(_extract(gm, members, part, free, p, cache, layer))
     _check_order(pieces)
     return pieces
 
@@ -131,7 +130,7 @@ def _user_pieces(node: Node, part: dict, free: set) -> set:
     return out
 
 
-def _extract(gm, members, part, free, p, output, cache, layer) -> Piece:
+def _extract(gm, members, part, free, p, cache, layer) -> Piece:
     """Copy ``members`` into a fresh graph with canonical names; the layer index of the cache
     ops becomes 0 over an input that is this block's slice of the cache."""
     inputs, attrs = [], []  # first-use order, found by a dry walk over what the members read

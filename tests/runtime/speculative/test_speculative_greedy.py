@@ -241,7 +241,7 @@ def test_default_recycling_tree_does_not_fit_the_positions(family, request):
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_tree_budget_caps_every_drafter(code, plain, drafter):
     """tree_budget is 'the most nodes per tree' for every drafter, not only Token Recycling."""
-    got = code.gen.generate(code.single[0][None], max_new_tokens=NEW, tree_budget=3, **DRAFTERS[drafter])
+    got = code.gen.generate(code.single[0][None], max_new_tokens=NEW, **{**DRAFTERS[drafter], "tree_budget": 3})
     assert torch.equal(got, plain("single", 0))
 
 

@@ -283,7 +283,7 @@ class DraftModel(Drafter):
     name = "draft"
 
     def __init__(self, model="tokenfx:tiny-code-draft", *, mode: str = "chain", length: int = 4, width: int = 2,
-                 budget: int = 24, wave: int = 6, compile: bool | None = None):
+                 budget: int = 24, wave: int = 6, compile: bool | str | None = None):
         if mode not in ("chain", "tree", "dynamic"):
             raise GenerationError(f"draft: mode must be chain, tree or dynamic, got {mode!r}")
         self.model, self.mode, self.length, self.width, self.budget, self.wave = model, mode, length, width, budget, wave
@@ -467,7 +467,7 @@ def _sample_without_replacement(p: torch.Tensor, k: int, generator) -> tuple[tor
     return torch.stack(out, 1), torch.stack(ok, 1)
 
 
-def make_drafter(spec, *, tree=None, compile: bool | None = None) -> Drafter:
+def make_drafter(spec, *, tree=None, compile: bool | str | None = None) -> Drafter:
     """A Drafter from ``speculate=``: a Drafter object, or ``"recycling"``, ``"lookup"``, ``"draft"``,
     ``"draft:<model spec>"``, ``"draft-tree[:<model spec>]"``, ``"dynamic[:<model spec>]"``, ``"self[:<layer>|auto]"``, ``"adapter:<file>"`` (a Kangaroo exit adapter).
     ``tree``: a :class:`Tree` template for recycling."""
