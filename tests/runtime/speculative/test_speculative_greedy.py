@@ -31,7 +31,7 @@ SMALL_TREE = Tree.from_paths([(0, 0, 0), (0, 1), (1, 0), (2,)])  # 8 nodes, dept
 DRAFTERS = {
     "recycling": dict(speculate="recycling"),
     "recycling-small-tree": dict(speculate="recycling", tree=SMALL_TREE),
-    "lookup": dict(speculate="lookup", tree_budget=31),  # its whole trie: what is tested is drafting, not the sizer
+    "lookup": dict(speculate="lookup"),
     "draft": dict(speculate="draft"),
     "draft-tree": dict(speculate="draft-tree"),
     "dynamic": dict(speculate="dynamic"),
@@ -241,7 +241,7 @@ def test_default_recycling_tree_does_not_fit_the_positions(family, request):
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_tree_budget_caps_every_drafter(code, plain, drafter):
     """tree_budget is 'the most nodes per tree' for every drafter, not only Token Recycling."""
-    got = code.gen.generate(code.single[0][None], max_new_tokens=NEW, **{**DRAFTERS[drafter], "tree_budget": 3})
+    got = code.gen.generate(code.single[0][None], max_new_tokens=NEW, tree_budget=3, **DRAFTERS[drafter])
     assert torch.equal(got, plain("single", 0))
 
 
@@ -278,23 +278,3 @@ def test_unknown_speculate(code):
     with pytest.raises(GenerationError, match="mode must be chain, tree or dynamic, got 'wide'"):
         DraftModel(mode="wide")
 
-
-def test_lookup_budget_follows_its_acceptance():
-    """tree_budget="auto" for prompt lookup: the expected gain grows with observed acceptance and
-    set_budget caps the trie (the sizer's two hooks)."""
-    from types import SimpleNamespace
-
-    from tokenfx.runtime.speculative.decode import Draft
-    from tokenfx.runtime.speculative.drafters import PromptLookup
-
-    lookup = PromptLookup()
-    before = lookup.expected_gain(11)
-    chain = Draft.stack([(list(range(11)), [-1] + list(range(10)))])
-    for _ in range(20):  # every round: a 10-token match, all accepted
-        lookup.update(SimpleNamespace(finished=torch.tensor([False])), chain, None,
-                      SimpleNamespace(length=torch.tensor([11])))
-    assert lookup.expected_gain(11) > before and lookup.expected_gain(11) > lookup.expected_gain(3) > 1.0
-    lookup.set_budget(4)
-    seq = torch.tensor([5, 6, 7, 8, 9, 10, 11, 5, 6])
-    state = SimpleNamespace(tokens=seq[None], finished=torch.tensor([False]), max_nodes=31, row=lambda b: seq)
-    assert lookup.propose(state).tokens.shape[1] == 4

@@ -189,47 +189,14 @@ class PromptLookup(Drafter):
             raise GenerationError(f"lookup: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram, self.length, self.branches = max_ngram, min_ngram, length, branches
         self.max_nodes = 1 + length * branches
-        self.budget = self.max_nodes
-        # for tree_budget="auto": P(depth d accepted | depth d - 1 accepted, a node at depth d drafted),
-        # and how often a row finds a match at all (a prior worth 4 observations of 0.5 each)
-        self.hits = torch.zeros(length + 1)
-        self.tries = torch.zeros(length + 1)
-        self.rounds, self.matched = 0, 0
-
-    def set_budget(self, nodes: int) -> None:
-        self.budget = max(1, min(int(nodes), self.max_nodes))
-
-    def expected_gain(self, nodes: int) -> float:
-        """Expected tokens per step with ``nodes`` nodes: a match's continuation as a chain (tries
-        are mostly one chain; branches only where continuations split)."""
-        p = torch.cumprod((self.hits[1:] + 2.0) / (self.tries[1:] + 4.0), 0)
-        matched = (self.matched + 1) / (self.rounds + 2)
-        return 1.0 + matched * float(p[:max(0, min(nodes - 1, self.length))].sum())
 
     def propose(self, state: State) -> Draft:
         rows = []
         for b in range(state.tokens.shape[0]):
             seq = state.row(b)
             continuations = [] if bool(state.finished[b]) else self._continuations(seq)
-            rows.append(_trie(int(seq[-1]), continuations, min(self.budget, state.max_nodes)))
+            rows.append(_trie(int(seq[-1]), continuations, min(self.max_nodes, state.max_nodes)))
         return Draft.stack(rows, state.tokens.device)
-
-    def update(self, state, draft, logits, verdict) -> None:
-        parents, valid = draft.parents.cpu(), draft.valid.cpu()
-        depth = torch.zeros_like(parents)
-        for i in range(1, parents.shape[1]):  # topological order: a parent's depth is known
-            depth[:, i] = torch.where(parents[:, i] >= 0, depth.gather(1, parents[:, i:i + 1].clamp(min=0))[:, 0] + 1, 0)
-        deepest = torch.where(valid, depth, 0).max(1).values.tolist()
-        accepted = (verdict.length.cpu() - 1).tolist()
-        for b, finished in enumerate(state.finished.cpu().tolist()):
-            if finished:
-                continue
-            self.rounds += 1
-            self.matched += int(deepest[b] > 0)
-            for d in range(1, min(deepest[b], self.length) + 1):
-                if accepted[b] >= d - 1:
-                    self.tries[d] += 1
-                    self.hits[d] += float(accepted[b] >= d)
 
     def _continuations(self, seq: torch.Tensor) -> list[list[int]]:
         found: list[list[int]] = []
