@@ -233,14 +233,6 @@ def _float_dtype(graph: ModelGraph) -> torch.dtype:
     return torch.float32
 
 
-def train_adapter(model, layer: int, data, **options):
-    """Kangaroo's trained exit head (one decoder layer + norm before the shared LM head), distilled
-    from the full model: :func:`tokenfx.runtime.speculative.adapter.train_adapter`."""
-    from tokenfx.runtime.speculative.adapter import train_adapter as train
-
-    return train(model, layer, data, **options)
-
-
 # -- the pass -------------------------------------------------------------------------------------------
 @register
 class EarlyExit(Pass):
@@ -259,7 +251,7 @@ class EarlyExit(Pass):
         o = self.options
         if o.head != "shared":
             raise PassOptionError(f"early_exit: head must be 'shared' (adapters are trained with "
-                                  f"tokenfx.passes.early_exit.train_adapter), got {o.head!r}")
+                                  f"tokenfx.runtime.speculative.adapter.train_adapter), got {o.head!r}")
         a = _anatomy(graph)
         plan = partition(graph, exit_layers(len(a.hidden) - 1, o.layers or None, o.every))
         g = graph.gm.graph

@@ -132,7 +132,9 @@ class Stages:
         from tokenfx.passes import early_exit as E
 
         if "head" not in self._runs:
-            self._runs["head"] = E.piece(self.gen.tree_graph, self.num_blocks, self.num_blocks, True).gm
+            from tokenfx.runtime.executor import lower
+
+            self._runs["head"] = lower(E.piece(self.gen.tree_graph, self.num_blocks, self.num_blocks, True)).gm
         return self._runs["head"]
 
     def fill(self, start: int, stop: int):
@@ -153,12 +155,9 @@ class Stages:
                 self._runs[label] = warm[0][0]
                 return self._runs[label]
         graph = build(self.gen.tree_graph)
-        if self.gen.compile:
-            run = self.gen.compiled(graph, f"ee-{label}")
-            if self._warm_key is not None and run is not graph.gm:
-                executor.remember_compiled(self._warm_key, label, run, module=self.gen._source)
-        else:
-            run = graph.gm
+        run = self.gen.compiled(graph, f"ee-{label}")
+        if self._warm_key is not None and self.gen.compile:
+            executor.remember_compiled(self._warm_key, label, run, module=self.gen._source)
         self._runs[label] = run
         return run
 

@@ -29,6 +29,25 @@ from tokenfx.cache import cache_dir
 from tokenfx.ir.graph import ModelGraph
 
 
+def lower(graph: ModelGraph) -> ModelGraph:
+    """``graph`` as the runtime runs it on CPU: each ``aten.linear`` over a weight of the graph
+    becomes ``tokenfx::linear`` (the GEMM picked by row count, :mod:`tokenfx.codegen.linear`).
+    A new ModelGraph (the given one is not changed), or the same one when nothing matched."""
+    from tokenfx.codegen.linear import lower_linears
+
+    if not on_cpu(graph):
+        return graph
+    lowered = graph.clone()
+    if not lower_linears(lowered.gm.graph, {n for n in lowered.gm.graph.nodes if n.op == "get_attr"}):
+        return graph
+    lowered.gm.recompile()
+    return lowered
+
+
+def on_cpu(graph: ModelGraph) -> bool:
+    return all(a.device.type == "cpu" for a in graph.example_args if isinstance(a, torch.Tensor))
+
+
 def graph_key(graph: ModelGraph, label: str) -> str:
     """Content hash of everything the compiled artifact depends on."""
     inlined = sorted(str(op) for op in _inlined_ops(graph))  # compiled from their references (see compiled())
@@ -81,6 +100,7 @@ def compiled(graph: ModelGraph, label: str, *, progress: bool = True, blockwise:
                                  f"{len(pieces)} pieces share {len(examples)} packages, cached in {cache_dir() / 'aoti'})")
                         _package(piece.gm, args, dynamic, ops, paths[key])
             return regional.Blockwise(graph, pieces, {key: _load(path) for key, path in paths.items()})
+    graph = lower(graph)
     key = graph_key(graph, label)
     path = cache_dir() / "aoti" / f"{label}-{key}.pt2"
     if not path.exists():
@@ -122,7 +142,7 @@ def _load(path: Path):
     # the package calls tokenfx ops by schema: register them even when no graph was built here
     from torch.utils import _pytree as pytree
 
-    from tokenfx.codegen import add_norm, kv_compact, kv_write, tree_attention  # noqa: F401
+    from tokenfx.codegen import add_norm, kv_compact, kv_write, linear, tree_attention  # noqa: F401
 
     loader = torch._inductor.aoti_load_package(str(path)).loader
     # the package's own __call__ parses its pytree specs from JSON on every call (~20 µs, and a

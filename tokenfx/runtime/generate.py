@@ -87,12 +87,13 @@ class Generator:
 
     def compiled(self, graph: ModelGraph, label: str):
         """``graph`` as this Generator runs it: AOTInductor-compiled when it compiles, else the fx
-        graph. Under ``compile="auto"`` a compile that fails (no C++ compiler …) warns once and
-        the Generator goes on with the fx graphs."""
-        if not self.compile:
-            return graph.gm
+        graph (with its linears lowered for the CPU, :func:`tokenfx.runtime.executor.lower`). Under
+        ``compile="auto"`` a compile that fails (no C++ compiler …) warns once and the Generator
+        goes on with the fx graphs."""
         from tokenfx.runtime import executor
 
+        if not self.compile:
+            return executor.lower(graph).gm
         try:
             return executor.compiled(graph, label)
         except Exception as exc:
@@ -104,7 +105,12 @@ class Generator:
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); running the fx graphs "
                           "instead (compile=False skips the attempt)", RuntimeWarning, stacklevel=2)
             self.compile = False
-            return graph.gm
+            return executor.lower(graph).gm
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The model object it decodes (None when it was given a captured graph)."""
+        return self._source if isinstance(self._source, torch.nn.Module) else None
 
     # -- graphs (built on first use; a warm compiled Generator never needs them to decode) ---------
     @property
@@ -171,7 +177,7 @@ class Generator:
                     return self._runners["tree"]
             graph = self.tree_graph
             run = self.compiled(graph, "tree")
-            if warm_key is not None and run is not graph.gm:
+            if warm_key is not None and self.compile:
                 from tokenfx.runtime import executor
 
                 executor.remember_compiled_set(warm_key, {"tree": run}, {}, module=module)

@@ -27,6 +27,7 @@ import hashlib
 import torch
 import torch.fx
 
+from tokenfx.codegen.linear import lower_linears
 from tokenfx.ir.graph import ModelGraph
 
 aten = torch.ops.aten
@@ -97,11 +98,13 @@ def partition(graph: ModelGraph) -> list[Piece]:
         users = _user_pieces(n, part, free)
         part[n] = users.pop() if len(users) == 1 and -1 not in users else 0
     cache = next((n for n in nodes if n.op == "placeholder" and n.name == "kv_cache"), None)
+    # on CPU the pieces run their linears as tokenfx::linear (see tokenfx.codegen.linear)
+    lower = all(a.device.type == "cpu" for a in graph.example_args if isinstance(a, torch.Tensor))
     pieces = []
     for p in range(num + 2):
         members = [n for n in nodes if part.get(n) == p]
         layer = _cache_layer(members, cache, default=p - 1) if 1 <= p <= num else None
-        pieces.append(_extract(gm, members, part, free, p, cache, layer))
+        pieces.append(_extract(gm, members, part, free, p, cache, layer, lower))
     _check_order(pieces)
     return pieces
 
@@ -130,9 +133,10 @@ def _user_pieces(node: Node, part: dict, free: set) -> set:
     return out
 
 
-def _extract(gm, members, part, free, p, cache, layer) -> Piece:
+def _extract(gm, members, part, free, p, cache, layer, lower: bool) -> Piece:
     """Copy ``members`` into a fresh graph with canonical names; the layer index of the cache
-    ops becomes 0 over an input that is this block's slice of the cache."""
+    ops becomes 0 over an input that is this block's slice of the cache; with ``lower`` the
+    linears over weights become ``tokenfx::linear``."""
     inputs, attrs = [], []  # first-use order, found by a dry walk over what the members read
 
     def visit(x: Node) -> None:
@@ -176,6 +180,8 @@ def _extract(gm, members, part, free, p, cache, layer) -> Piece:
         env[n].meta = dict(n.meta)
     outputs = [n for n in members if any(u.op == "output" or (u not in free and part.get(u) != p) for u in n.users)]
     g.output(tuple(env[n] for n in outputs))
+    if lower:
+        lower_linears(g, {env[x] for x in attrs})
     g.lint()
     module = torch.fx.GraphModule(torch.nn.Module(), g)
     params = [_attr(gm, x.target) for x in attrs]

@@ -436,7 +436,8 @@ def _sample_without_replacement(p: torch.Tensor, k: int, generator) -> tuple[tor
 
 def make_drafter(spec, *, tree=None, compile: bool | str | None = None) -> Drafter:
     """A Drafter from ``speculate=``: a Drafter object, or ``"recycling"``, ``"lookup"``, ``"draft"``,
-    ``"draft:<model spec>"``, ``"draft-tree[:<model spec>]"``, ``"dynamic[:<model spec>]"``, ``"self[:<layer>|auto]"``, ``"adapter:<file>"`` (a Kangaroo exit adapter).
+    ``"draft:<model spec>"``, ``"draft-tree[:<model spec>]"``, ``"dynamic[:<model spec>]"``, ``"self[:<layer>|auto|adapter]"``, ``"adapter:<file>"`` (a Kangaroo exit adapter, run inside
+    self-speculation; ``self:adapter``: the one trained for the model).
     ``tree``: a :class:`Tree` template for recycling."""
     if isinstance(spec, Drafter):
         return spec
@@ -450,12 +451,13 @@ def make_drafter(spec, *, tree=None, compile: bool | str | None = None) -> Draft
     if name in ("draft", "draft-tree", "dynamic"):
         mode = {"draft": "chain", "draft-tree": "tree", "dynamic": "dynamic"}[name]
         return DraftModel(arg or "tokenfx:tiny-code-draft", mode=mode, compile=compile)
-    if name == "adapter":
-        from tokenfx.runtime.speculative.adapter import AdapterDraft
+    if name == "adapter" or spec == "self:adapter":
+        from tokenfx.runtime.speculative.self_spec import SelfSpeculation
 
-        if not arg:
-            raise GenerationError("speculate='adapter:<file>': give the exit adapter's .safetensors file")
-        return AdapterDraft(arg, compile=compile)
+        if name == "adapter" and not arg:
+            raise GenerationError("speculate='adapter:<file>': give the exit adapter's .safetensors file (or "
+                                  "speculate='self:adapter' for the one trained for the model)")
+        return SelfSpeculation(adapter=arg if name == "adapter" else "find")
     if name == "self":
         from tokenfx.runtime.speculative.self_spec import SelfSpeculation
 
@@ -467,4 +469,4 @@ def make_drafter(spec, *, tree=None, compile: bool | str | None = None) -> Draft
             raise GenerationError(f"speculate='self:{arg}': the exit layer must be a number or 'auto'") from None
         return SelfSpeculation(layer)
     raise GenerationError(f"unknown speculate={spec!r}; choose recycling, lookup, draft[:MODEL], draft-tree[:MODEL], "
-                          "dynamic[:MODEL], self[:LAYER|auto], adapter:FILE or pass a Drafter")
+                          "dynamic[:MODEL], self[:LAYER|auto|adapter], adapter:FILE or pass a Drafter")
