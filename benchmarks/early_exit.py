@@ -30,10 +30,10 @@ Methods, batch 1, greedy, exactly ``--max-new-tokens`` new tokens each (``stop=[
                       picks E and the draft length each round from online acceptance estimates);
                       ``SelfSpeculation(3, length=4, stop=0.0)`` ("self:3 no stop") and
                       ``SelfSpeculation("auto", stop=0.0)`` ("self:auto no stop"): no confidence cut;
-                      ``AdapterDraft(adapter, length=4)`` ("adapter:E", E = 1, 2): Kangaroo's trained
-                      exit adapter (below) drafts chains of 4 as a draft model of its own (blocks < E
-                      + the adapter's block and norm + the head, its own cache), the full model
-                      verifies. Each drafter object is made once and reused, so DEL's estimates persist.
+                      ``SelfSpeculation(adapter=adapter, length=4)`` ("adapter:E", E = 1, 2): Kangaroo's
+                      trained exit adapter (below) drafts chains of 4 inside self-speculation (blocks
+                      < E are the target's own pieces and cache, the adapter's one layer keeps its
+                      cache beside it), blocks >= E verify. Each drafter object is made once and reused, so DEL's estimates persist.
 
 Kangaroo exit adapters: ``train_adapter(model, E, windows, steps=--adapter-steps, lr=2e-3,
 batch=8, seed=--seed)`` (one decoder layer + norm after block E, initialised from block E,
@@ -99,12 +99,12 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 import tokenfx  # noqa: E402
-from tokenfx.passes.early_exit import train_adapter  # noqa: E402
+from tokenfx.errors import GenerationError  # noqa: E402
 from tokenfx.runtime import executor  # noqa: E402
 from tokenfx.runtime.early_exit import ConfidenceExit, SkipDecode, teacher_forced_nll  # noqa: E402
 from tokenfx.runtime.generate import Generator, load_tokenizer  # noqa: E402
-from tokenfx.runtime.speculative.adapter import (AdapterDraft, ExitAdapter, _fresh, adapter_kl,  # noqa: E402
-                                                 draft_view, target_digest)
+from tokenfx.runtime.speculative.adapter import (ExitAdapter, _fresh, adapter_kl, target_digest,  # noqa: E402
+                                                 train_adapter)
 from tokenfx.runtime.speculative.decode import Drafter  # noqa: E402
 from tokenfx.runtime.speculative.self_spec import SelfSpeculation  # noqa: E402
 from generate import aoti_files, held_out_tokens  # noqa: E402  (benchmarks/, next to this script)
@@ -158,7 +158,8 @@ def methods_for(thresholds, adapters: dict[int, ExitAdapter]) -> list[Method]:
     methods += [Method("self:3 no stop", "self", "E=3\nno stop", speculate=SelfSpeculation(3, length=4, stop=0.0)),
                 Method("self:auto no stop", "self", "auto\nno stop", speculate=SelfSpeculation("auto", stop=0.0))]
     methods += [Method(f"adapter:{e}", "self", f"adapter\nE={e}",
-                       speculate=AdapterDraft(adapters[e], length=ADAPTER_DRAFT_LENGTH)) for e in ADAPTER_LAYERS]
+                       speculate=SelfSpeculation(adapter=adapters[e], length=ADAPTER_DRAFT_LENGTH))
+                for e in ADAPTER_LAYERS]
     return methods
 
 
@@ -166,9 +167,9 @@ def speculate_text(speculate) -> str | None:
     """``speculate=`` as the JSON records it."""
     if speculate is None or isinstance(speculate, str):
         return speculate
-    if isinstance(speculate, SelfSpeculation):
-        return f"SelfSpeculation({speculate.layer!r}, length={speculate.length}, stop={speculate.stop})"
-    return f"AdapterDraft(<exit adapter after {speculate.adapter.layer} blocks>, length={speculate.length})"
+    if isinstance(speculate.adapter, ExitAdapter):
+        return f"SelfSpeculation(adapter=<exit adapter after {speculate.adapter.layer} blocks>, length={speculate.length})"
+    return f"SelfSpeculation({speculate.layer!r}, length={speculate.length}, stop={speculate.stop})"
 
 
 # -- Kangaroo exit adapters ------------------------------------------------------------------------------------
@@ -203,7 +204,10 @@ def exit_adapter(model, layer: int, data: torch.Tensor, recipe: dict, cache: Pat
     if path.is_file() and sidecar.is_file():
         meta = json.loads(sidecar.read_text())
         if meta["recipe"] == recipe:
-            return ExitAdapter.load(path, model), {**meta, "path": str(path), "trained_this_run": False}
+            try:
+                return ExitAdapter.load(path, model), {**meta, "path": str(path), "trained_this_run": False}
+            except GenerationError:  # an adapter of an older format or target digest: train again
+                pass
     start = time.perf_counter()
     adapter = train_adapter(model, layer, data, steps=recipe["steps"], lr=recipe["lr"], batch=recipe["batch"],
                             seed=recipe["seed"], progress=True)
@@ -228,8 +232,7 @@ def adapter_quality(model, adapters: dict[int, ExitAdapter], ids: torch.Tensor) 
     bare = {e: kl(full, model.lm_head(model.model.norm(out.hidden_states[e])))
             for e in range(1, model.config.num_hidden_layers)}
     return {"bare_head": bare,
-            "adapters": {e: {"fresh": float(adapter_kl(model, draft_view(model, _fresh(model, e)), ids)),
-                             "trained": float(adapter_kl(model, draft_view(model, a), ids))}
+            "adapters": {e: {"fresh": adapter_kl(model, _fresh(model, e), ids), "trained": adapter_kl(model, a, ids)}
                          for e, a in adapters.items()}}
 
 
@@ -430,7 +433,7 @@ def plot(results: dict, path: Path) -> None:
                    f"prefix {NLL_PREFIX}, teacher forced", fontsize=10)
 
     spec = [s for s in summary.values() if s["family"] == "self"]
-    colors = ["C4" if s["speculate"].startswith("AdapterDraft") else "C9" if "stop=0.0" in s["speculate"] else "C3"
+    colors = ["C4" if "adapter=" in s["speculate"] else "C9" if "stop=0.0" in s["speculate"] else "C3"
               for s in spec]
     drawn = ax_s.bar(range(len(spec)), [s["speedup"] for s in spec], color=colors)
     ax_s.bar_label(drawn, labels=[f"{s['speedup']:.2f}\n{s['accepted_per_step']:.2f}/step" for s in spec],

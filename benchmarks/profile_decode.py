@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 import tokenfx  # noqa: E402
 from tokenfx.runtime.generate import Generator, load_tokenizer  # noqa: E402
+from tokenfx.runtime.speculative.adapter import find_adapter  # noqa: E402
 from tokenfx.runtime.timing import STAGES  # noqa: E402
 from machine import machine_info, save_figure  # noqa: E402
 
@@ -48,7 +49,8 @@ PROMPTS = (  # (kind, text): chat prompts go through the chat template when the 
     ("code", "def parse_header(line):\n    \"\"\"Split an HTTP header line into its name and value.\"\"\"\n"),
     ("code", "import os\n\n\ndef walk_python_files(root):\n    \"\"\"Yield every .py file under root.\"\"\"\n"),
 )
-METHODS = {"greedy": None, "recycling": "recycling", "lookup": "lookup", "self_auto": "self:auto"}
+METHODS = {"greedy": None, "recycling": "recycling", "lookup": "lookup", "self_auto": "self:auto",
+           "adapter": "self:adapter"}  # adapter: the exit adapter tools/train_exit_adapter.py trained for the model
 
 
 def bandwidth_gb_s(mib: int) -> float:
@@ -102,7 +104,10 @@ def main() -> int:
     build = time.perf_counter()
     gen = Generator(args.model)  # the default path: compile="auto"
     build_s = time.perf_counter() - build
-    model = gen._source
+    model = gen.model
+    if "adapter" in methods and find_adapter(model) is None:
+        print("no exit adapter is trained for this model (tools/train_exit_adapter.py): the adapter row is left out")
+        methods.remove("adapter")
     prompts = [(kind, text, encode(tokenizer, kind, text)) for kind, text in PROMPTS]
     n = args.new_tokens
     kinds = sorted({kind for kind, _ in PROMPTS})

@@ -2,7 +2,7 @@
 
 Target: ``tokenfx:tiny-code`` (Llama, 6 layers, 5.3 M params, BPE 4096), loaded once with
 ``AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)`` (attention: sdpa); the *same*
-object goes to HF ``generate`` and to ``tokenfx.Generator(model, compile=True)``. Draft:
+object goes to HF ``generate`` and to ``tokenfx.Generator(model)`` (the default path, ``compile="auto"``). Draft:
 ``tokenfx:tiny-code-draft`` (2 layers, same tokenizer), loaded the same way for HF assisted
 generation; tokenfx's draft drafters load it themselves from the spec (compiled too).
 
@@ -24,7 +24,7 @@ Methods, batch 1, greedy, exactly ``--max-new-tokens`` new tokens each (no stop 
   hf_assisted        the same + ``assistant_model=<draft>`` (HF defaults: 20 assistant tokens,
                      constant schedule, confidence threshold 0.4, adapted when scikit-learn is there)
   hf_lookup          the same + ``prompt_lookup_num_tokens=10`` (``max_matching_ngram_size`` default 2)
-  tokenfx_greedy     ``Generator(model, compile=True).generate(ids, max_new_tokens=N, stop=[])``
+  tokenfx_greedy     ``Generator(model).generate(ids, max_new_tokens=N, stop=[])`` (default path)
   tokenfx_<drafter>  the same Generator + ``speculate=`` ``recycling`` (80-node template,
                      ``tree_budget="auto"``), ``lookup``, ``draft`` (chain of 4), ``draft-tree``,
                      ``dynamic`` (DySpec)
@@ -444,12 +444,12 @@ def main(argv=None) -> None:
     columns = (TextColumn("{task.description:<72}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     construction = {}
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("Generator(compile=True)", total=steps)
+        task = progress.add_task("Generator(model)", total=steps)
         gen = None
         if uses_tokenfx:
             before = aoti_files()
             start = time.perf_counter()
-            gen = Generator(model, compile=True)
+            gen = Generator(model)
             construction = {"compiled_s": time.perf_counter() - start,
                             "packages_created": sorted(aoti_files() - before)}
         progress.advance(task)
@@ -503,7 +503,7 @@ def main(argv=None) -> None:
             "hf_lookup": f"the same + prompt_lookup_num_tokens={HF_LOOKUP_TOKENS}",
             "sklearn_available (adaptive assistant confidence threshold)": is_sklearn_available(),
         },
-        "tokenfx_call": "Generator(model, compile=True).generate(ids, max_new_tokens=N, stop=[], speculate=S) "
+        "tokenfx_call": "Generator(model).generate(ids, max_new_tokens=N, stop=[], speculate=S) "
                         "(tree_budget default 'auto')",
         "construction": construction,
         "warmup_seconds": warmup_s,

@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="run the fx graphs without compiling them")
     p.add_argument("--speculate", metavar="DRAFTER",
                    help="lossless speculative decoding: recycling, lookup, draft[:MODEL], draft-tree[:MODEL], "
-                        "dynamic[:MODEL], self[:LAYER|auto] (output identical to plain decoding)")
+                        "dynamic[:MODEL], self[:LAYER|auto|adapter], adapter:FILE (output identical to plain decoding)")
     p.add_argument("--early-exit", type=float, metavar="THRESHOLD",
                    help="APPROXIMATE: confidence-gated early exit (CALM), exit a token at the first layer whose "
                         "confidence reaches THRESHOLD in [0, 1]; skipped layers' K/V filled from the exit state")

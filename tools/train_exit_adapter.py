@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     parser.add_argument("--out", type=Path, default=None, help="default: $TOKENFX_CACHE/adapters/<digest>.safetensors")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="keep the generated windows in this file and reuse them when it exists (try other --layer "
+                             "values without generating again)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few prompts, few steps")
     args = parser.parse_args(argv)
     if args.quick:
@@ -135,10 +138,24 @@ def main(argv=None) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     chat = chat_prompts(tokenizer, args.chat)
     code = code_prompts(tokenizer, args.code)
-    held = code_prompts(tokenizer, max(4, args.code // 8), held_out=True) + chat_prompts(tokenizer, 200)[-max(4, args.chat // 8):]
-    train_rows = continuations(gen, chat + code, args.new_tokens, pad, label="training")
-    held_rows = continuations(gen, held, args.new_tokens, pad, label="held-out")
-    data, held_data = windows(train_rows, args.window), windows(held_rows, args.window)
+    recipe = {"model": args.model, "chat": args.chat, "code": args.code, "new_tokens": args.new_tokens,
+              "window": args.window}
+    if args.data is not None and args.data.exists() and json.loads(
+            __import__("safetensors").safe_open(str(args.data), "pt").metadata()["recipe"]) == recipe:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(args.data))
+        data, held_data = saved["train"], saved["held_out"]
+    else:
+        held = (code_prompts(tokenizer, max(4, args.code // 8), held_out=True)
+                + chat_prompts(tokenizer, 200)[-max(4, args.chat // 8):])
+        train_rows = continuations(gen, chat + code, args.new_tokens, pad, label="training")
+        held_rows = continuations(gen, held, args.new_tokens, pad, label="held-out")
+        data, held_data = windows(train_rows, args.window), windows(held_rows, args.window)
+        if args.data is not None:
+            from safetensors.torch import save_file
+
+            save_file({"train": data, "held_out": held_data}, str(args.data), metadata={"recipe": json.dumps(recipe)})
     vocab_size = model.get_output_embeddings().weight.shape[0]
     vocab = A.frequent_tokens(data, args.vocab, vocab_size) if args.vocab else None
     coverage = 1.0 if vocab is None else float(torch.isin(held_data, vocab).float().mean())

@@ -196,7 +196,8 @@ class Generator:
         called with each step's tokens. Greedy when ``temperature == 0``.
 
         ``speculate``: a drafter (``"recycling"``, ``"lookup"``, ``"draft[:MODEL]"``,
-        ``"draft-tree[:MODEL]"``, ``"dynamic[:MODEL]"``, ``"self[:LAYER|auto]"`` or a :class:`Drafter`); each step then
+        ``"draft-tree[:MODEL]"``, ``"dynamic[:MODEL]"``, ``"self[:LAYER|auto|adapter]"``,
+        ``"adapter:FILE"`` or a :class:`Drafter`); each step then
         verifies a draft tree in one call of the ``tree_verify`` graph, and the output is the
         same as without it (token-identical when greedy, the same distribution when sampling).
         ``stream`` then gets one call per emitted column, ``-1`` for rows without a token there.

@@ -63,8 +63,8 @@ def test_inline_block_equals_the_hf_block(trained):
     b, t, _ = hidden.shape
     positions = torch.arange(t).expand(b, t)
     with torch.no_grad():
-        got = inline.step(hidden, positions, inline.new_cache(b, t), torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t),
-                          torch.arange(t))
+        causal = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t)
+        got = inline.step(hidden, positions, inline.new_cache(b, t), causal, torch.arange(t))
         cos_sin = model.model.rotary_emb(hidden, positions)
         mask = torch.full((t, t), float("-inf")).triu(1)[None, None].expand(b, 1, t, t)
         out = adapter.block(hidden, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
@@ -104,7 +104,8 @@ def test_adapter_for_another_model_is_refused(trained):
     _, _, adapter, folder = trained
     other = llama(layers=4)
     with pytest.raises(GenerationError, match="was trained for another model"):
-        SelfSpeculation(adapter=adapter).prepare(SimpleNamespace(model=other, layout=SimpleNamespace(layers=4, cache_update="inplace")))
+        target = SimpleNamespace(model=other, layout=SimpleNamespace(layers=4, cache_update="inplace"))
+        SelfSpeculation(adapter=adapter).prepare(target)
     with pytest.raises(GenerationError, match="was trained for another model"):
         ExitAdapter.load(folder / "exit2.safetensors", other)
 

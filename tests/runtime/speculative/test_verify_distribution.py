@@ -112,25 +112,46 @@ def sampled_tree(roots: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Te
     return tokens, q
 
 
+# FR-Spec: the draft head covers a subset of the vocabulary (here 4 of the 6 tokens); its q is
+# zero outside it, so the other tokens only ever come from the residual
+SUBSET = torch.tensor([0, 1, 3, 4])
+Q_SUBSET = torch.zeros_like(Q)
+Q_SUBSET[:, SUBSET] = Q[:, SUBSET] / Q[:, SUBSET].sum(-1, keepdim=True)
+
+
+def subset_tree(roots: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sampled chain of depth 3 from the subset draft (a chain: a subset draw without
+    replacement runs out of tokens on wide trees)."""
+    b = roots.numel()
+    tokens = torch.empty(b, len(CHAIN), dtype=torch.long)
+    tokens[:, 0] = roots
+    for i in range(1, len(CHAIN)):
+        tokens[:, i] = torch.multinomial(Q_SUBSET[tokens[:, i - 1]], 1, generator=generator).squeeze(1)
+    return tokens, Q_SUBSET[tokens].float()
+
+
+CHAIN = Tree.chain(3)
 TREES = {"deterministic": deterministic_tree, "sampled": sampled_tree}
+SHAPES = {"deterministic": TEMPLATE, "sampled": TEMPLATE, "subset": CHAIN}
 
 
 # -- speculative sampling of the chain ----------------------------------------------------------------
 def speculate(tree: str, setting: dict, seed: int, warp=V.warp) -> tuple[torch.Tensor, dict]:
     """The first EMIT tokens of every row, ``[ROWS, EMIT]``, and what the first round accepted."""
     g = torch.Generator().manual_seed(seed)
-    t = len(TEMPLATE)
-    parents = TEMPLATE.parents.expand(ROWS, t)
+    shape = SHAPES[tree]
+    t = len(shape)
+    parents = shape.parents.expand(ROWS, t)
     valid = torch.ones(ROWS, t, dtype=torch.bool)
-    mask = TEMPLATE.mask.expand(ROWS, t, t)
-    depth = TEMPLATE.depth.expand(ROWS, t)
+    mask = shape.mask.expand(ROWS, t, t)
+    depth = shape.depth.expand(ROWS, t)
     out = torch.zeros(ROWS, EMIT + t, dtype=torch.long)
     count = torch.zeros(ROWS, dtype=torch.long)
     roots = torch.full((ROWS,), ROOT, dtype=torch.long)
     rows = torch.arange(ROWS)
     first = None
     while bool((count < EMIT).any()):
-        tokens, q = TREES[tree](roots, g)
+        tokens, q = (subset_tree if tree == "subset" else TREES[tree])(roots, g)
         probs = warp(LOG_P[tokens], **setting)  # [B, T, V]: the target after every node
         verdict = V.sample(tokens, parents, valid, mask, depth, probs, g, q)
         # the accepted path is the last accepted node's ancestors, root first
@@ -227,6 +248,21 @@ def test_speculative_sampling_is_lossless(tree, setting):
     result = check(samples, kw)
     for name, r in result.items():
         assert r["outside"] == 0, (name, r)  # nothing the warped target cannot produce
+        assert r["p"] > ALPHA, (name, r)
+        assert r["tv"] < r["bound"], (name, r)
+
+
+@pytest.mark.parametrize("setting", ["T=1", "T=0.8,top_k=5,top_p=0.9"])
+def test_a_draft_over_a_vocabulary_subset_is_lossless(setting):
+    """FR-Spec's draft head: q is zero outside its subset; the output is still the target's law
+    (tokens outside the subset come from the residual)."""
+    kw = SETTINGS[setting]
+    samples, first = speculate("subset", kw, seed=40 + list(SETTINGS).index(setting))
+    assert float((first["accepted"] > 0).double().mean()) > 0.1  # the subset draft is accepted often
+    assert bool(torch.isin(samples, torch.tensor([2, 5])).any())  # and tokens outside it are still emitted
+    result = check(samples, kw)
+    for name, r in result.items():
+        assert r["outside"] == 0, (name, r)
         assert r["p"] > ALPHA, (name, r)
         assert r["tv"] < r["bound"], (name, r)
 

@@ -18,6 +18,16 @@ model's would (the committed ones and the chain before it), so the target logits
 full model's and the output is token-identical to greedy decoding (or, sampling, distributed
 as the target; the chain is verified by speculative sampling against the exit head's ``q``).
 
+With Kangaroo's exit adapter (``speculate="adapter:FILE"``, or ``"self:adapter"`` for the one
+trained for the model, :mod:`.adapter`) a draft step is blocks ``< E`` (the same piece,
+without its head), then the adapter's one decoder layer over its own K/V cache — laid out
+slot for slot like the target's, compacted with it after each round — and the adapter's head
+over its FR-Spec vocabulary subset; verification is unchanged (blocks ``>= E`` from the
+residual stream after block ``E - 1``, full head). Committed tokens the adapter has not seen
+(the prompt; tokens of plain or bare-exit rounds) are caught up in one call before the next
+adapter round: blocks ``< E`` run over them on a copy of the target's cache (which stays as
+it was), then the adapter.
+
 ``layer="auto"`` is DEL: each round picks the exit ``E`` and the chain length ``d`` that
 maximise the expected tokens per unit of work,
 ``TPL(E, d) = [(1 - α_E^{d+1}) / (1 - α_E)] / cost(E, d)``, with ``α_E`` the rate at which the
@@ -30,7 +40,10 @@ the same graph, one token per round) competes too, so DEL never pays for drafts 
 pay back. ``α`` is estimated online from *shadow tokens*: every ``shadow_every`` rounds the
 verification runs every block and keeps each block's residual stream, the exit head is
 applied to all of them at once, and each layer's prediction is compared with the tokens the
-target accepted (decayed counts: recent text weighs more).
+target accepted (decayed counts: recent text weighs more). When the model has a trained exit
+adapter (found as ``"self:adapter"`` finds it) DEL adds it as a choice, its ``α`` counted from
+its own rounds (prior: its held-out agreement); the bare exits it then weighs are the one at
+the adapter's layer (measuring every exit's cost takes ~30 s on a 30-block model).
 """
 
 from __future__ import annotations
