@@ -42,8 +42,10 @@ verification runs every block and keeps each block's residual stream, the exit h
 applied to all of them at once, and each layer's prediction is compared with the tokens the
 target accepted (decayed counts: recent text weighs more). When the model has a trained exit
 adapter (found as ``"self:adapter"`` finds it) DEL adds it as a choice, its ``α`` counted from
-its own rounds (prior: its held-out agreement); the bare exits it then weighs are the one at
-the adapter's layer (measuring every exit's cost takes ~30 s on a 30-block model).
+its own rounds (prior: its held-out agreement; every ``shadow_every`` rounds, offset from the
+shadows, one round drafts with it whatever the estimate says, so a low estimate is revised);
+the bare exits it then weighs are the one at the adapter's layer (measuring every exit's cost
+takes ~30 s on a 30-block model).
 """
 
 from __future__ import annotations
@@ -160,6 +162,10 @@ class SelfSpeculation(Drafter):
         if self.costs is None:
             exits = [self.inline.layer] if self.inline is not None else range(1, blocks)
             self.costs = _measure_costs(self.gen, self.length, exits=exits, inline=self.inline)
+        if self.inline is not None and self.rounds % self.shadow_every == self.shadow_every // 2:
+            # a probe: the adapter drafts a whole chain now and then, so its acceptance estimate follows
+            # the text even while other choices win (a prior that starts low would never be revised)
+            return self.inline.layer, self.length, True
         alpha = self.alpha().clamp(max=0.999)
         choice = (blocks, 0, False)
         best = 1.0 / (self._cost(blocks, 0) + self.overhead)
