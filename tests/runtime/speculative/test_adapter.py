@@ -120,3 +120,24 @@ def test_bad_adapter_inputs(tmp_path):
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(GenerationError, match="cannot read it"):
         ExitAdapter.load(junk, model)
+
+
+def test_del_weighs_the_adapter_and_probes_it(trained):
+    """DEL picks the adapter when its estimated acceptance pays for its draft steps, a plain round
+    when it does not, and still probes it every ``shadow_every`` rounds (offset from the shadows)."""
+    gen, _, adapter, _ = trained
+    drafter = SelfSpeculation("auto", length=4, adapter=adapter)
+    drafter.prepare(gen)
+    ms = 1e-3
+    drafter.costs = {"plain": 7.5 * ms, "draft": {2: 3.5 * ms}, "tail": {2: 2 * ms},
+                     "verify": {2: {t: 4 * ms * (1 + 0.1 * t) + 1.5 * ms for t in range(2, 6)}},
+                     "adapter_draft": 4.5 * ms, "adapter_tail": 3 * ms}
+    drafter.hits[:] = 0.0  # the bare exit never agrees
+    drafter.rounds = 1
+    drafter.a_hits, drafter.a_tries = 9.0, 10.0
+    exit_, d, with_adapter = drafter.plan()
+    assert (exit_, with_adapter) == (2, True) and d >= 2
+    drafter.a_hits = 1.0
+    assert drafter.plan() == (6, 0, False)
+    drafter.rounds = drafter.shadow_every // 2
+    assert drafter.plan() == (2, 4, True)  # the probe

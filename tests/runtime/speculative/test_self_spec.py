@@ -71,9 +71,9 @@ def test_del_plan_maximises_tokens_per_second(tiny_code):
         return (1 - a ** (d + 1)) / (1 - a) / (cost + drafter.overhead)
 
     best = max([(6, 0)] + [(e, d) for e in range(1, 6) for d in range(1, 5)], key=lambda ed: rate(*ed))
-    assert drafter.plan() == best and best[0] >= 3 and best[1] >= 1  # the shallow exits are unreliable here
+    assert drafter.plan() == (*best, False) and best[0] >= 3 and best[1] >= 1  # the shallow exits are unreliable here
     drafter.hits[:] = 0.5  # every exit a coin flip: drafting does not pay, a plain round wins
-    assert drafter.plan() == (6, 0)
+    assert drafter.plan() == (6, 0, False)
 
 
 def test_del_learns_acceptance_from_shadow_tokens(tiny_code):
