@@ -205,3 +205,10 @@ def test_chat_applies_the_template(capsys):
                        "--max-new-tokens", "10", "--no-compile", "--json")
     assert code == 0
     assert "Paris" in json.loads(out)["text"]
+
+
+def test_generate_with_an_adapter_the_model_lacks_is_one_line_and_prints_nothing(capsys):
+    code, out, err = run(capsys, "generate", "tokenfx:tiny-code", "--prompt", "def f(x):", "--max-new-tokens", "4",
+                         "--no-compile", "--speculate", "self:adapter")
+    assert code == 2 and out == ""
+    assert "no exit adapter is trained for this model" in err and "Traceback" not in err

@@ -230,9 +230,6 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             printed = text
 
-    if not args.json:
-        sys.stdout.write(prompt + ("\n" if args.chat else ""))
-        sys.stdout.flush()
     speculative = {}
     if args.speculate is not None:
         from tokenfx.runtime.speculative.tree import Tree, TreeError
@@ -254,6 +251,9 @@ def cmd_generate(args) -> int:
         raise GenerationError("--tree and --tree-budget need --speculate")
     if early_exit is not None:
         speculative["early_exit"] = early_exit
+    if not args.json:  # echoed once every option was checked: bad input prints nothing but its error
+        sys.stdout.write(prompt + ("\n" if args.chat else ""))
+        sys.stdout.flush()
     start = time.perf_counter()
     out = gen.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed, stream=stream, **speculative)
