@@ -270,7 +270,7 @@ def test_draft_model_with_another_vocabulary(code, llama_case):
 def test_unknown_speculate(code):
     ids = code.single[0][None]
     with pytest.raises(GenerationError, match=r"unknown speculate='medusa'; choose recycling, lookup, draft\[:MODEL\], "
-                                              r"draft-tree\[:MODEL\], dynamic\[:MODEL\], self\[:LAYER\|auto\], adapter:FILE "
+                                              r"draft-tree\[:MODEL\], dynamic\[:MODEL\], self\[:LAYER\|auto\|adapter\], adapter:FILE "
                                               r"or pass a Drafter"):
         code.gen.generate(ids, max_new_tokens=4, speculate="medusa")
     with pytest.raises(GenerationError, match="speculate must be a string or a Drafter, got int"):
