@@ -278,3 +278,24 @@ def test_unknown_speculate(code):
     with pytest.raises(GenerationError, match="mode must be chain, tree or dynamic, got 'wide'"):
         DraftModel(mode="wide")
 
+
+
+def test_recycling_judges_untried_nodes_by_their_rank():
+    """The budget's acceptance model: a node never drafted (outside the current subtree) is
+    estimated from the nodes of its rank that were drafted, not from the rank prior alone."""
+    from tokenfx.runtime.speculative.drafters import TokenRecycling
+
+    drafter = TokenRecycling()
+    ranks = drafter.template.ranks
+    before = drafter.acceptance().clone()
+    tried = [i for i in range(1, len(ranks)) if int(ranks[i]) == 1][:3]
+    untried = [i for i in range(1, len(ranks)) if int(ranks[i]) == 1][3:]
+    assert tried and untried
+    drafter.tries[tried] = 50.0  # rank-1 nodes were drafted often and rarely accepted
+    drafter.hits[tried] = 1.0
+    after = drafter.acceptance()
+    conditional = after / after[drafter.template.parents.clamp(min=0)]
+    prior_conditional = before / before[drafter.template.parents.clamp(min=0)]
+    assert bool((conditional[untried] < 0.5 * prior_conditional[untried]).all())
+    rank0 = [i for i in range(1, len(ranks)) if int(ranks[i]) == 0 and int(drafter.template.parents[i]) == 0]
+    assert torch.allclose(after[rank0], before[rank0])  # other ranks keep their estimate

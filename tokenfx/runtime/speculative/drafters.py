@@ -65,8 +65,18 @@ class TokenRecycling(Drafter):
 
     def acceptance(self) -> torch.Tensor:
         """Estimated probability that each template node is on the accepted path: the product of
-        the conditional acceptance rates along its path."""
-        conditional = (self.hits + 4 * self._prior) / (self.tries + 4)
+        the conditional acceptance rates along its path. A node's conditional rate starts from its
+        rank's pooled rate over every node of that rank tried so far (itself a rank prior worth 4
+        tries), so nodes outside the current tree are judged by their tried siblings of the same
+        rank, not by the optimistic prior alone (measured: with the bare prior the budget grew to
+        16 nodes on chat text where 8 ran 1.37× faster)."""
+        ranks = self.template.ranks
+        pooled = self._prior.clone()
+        for r in torch.unique(ranks[1:]).tolist():
+            same = ranks == r
+            same[0] = False
+            pooled[same] = (self.hits[same].sum() + 4 * self._prior[same]) / (self.tries[same].sum() + 4)
+        conditional = (self.hits + 4 * pooled) / (self.tries + 4)
         p = conditional.clone()
         for level in self.template.levels()[1:]:
             p[level] = conditional[level] * p[self.template.parents[level]]
