@@ -140,10 +140,11 @@ def main(argv=None) -> int:
     code = code_prompts(tokenizer, args.code)
     recipe = {"model": args.model, "chat": args.chat, "code": args.code, "new_tokens": args.new_tokens,
               "window": args.window}
-    if args.data is not None and args.data.exists() and json.loads(
-            __import__("safetensors").safe_open(str(args.data), "pt").metadata()["recipe"]) == recipe:
-        from safetensors.torch import load_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
+    if args.data is not None and args.data.exists() and json.loads(
+            safe_open(str(args.data), "pt").metadata()["recipe"]) == recipe:
         saved = load_file(str(args.data))
         data, held_data = saved["train"], saved["held_out"]
     else:
@@ -153,8 +154,6 @@ def main(argv=None) -> int:
         held_rows = continuations(gen, held, args.new_tokens, pad, label="held-out")
         data, held_data = windows(train_rows, args.window), windows(held_rows, args.window)
         if args.data is not None:
-            from safetensors.torch import save_file
-
             save_file({"train": data, "held_out": held_data}, str(args.data), metadata={"recipe": json.dumps(recipe)})
     vocab_size = model.get_output_embeddings().weight.shape[0]
     vocab = A.frequent_tokens(data, args.vocab, vocab_size) if args.vocab else None

@@ -43,27 +43,25 @@ _ONEDNN = torch.backends.mkldnn.is_available()
 _layouts: dict[int, list] = {}  # data_ptr → [storage ref, version, shape, {"t": w.T, "packed": w reordered}]
 
 
-def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.nn.functional.linear(x, w, b)
-
-
 def _entry(w: torch.Tensor) -> dict:
-    """The cached layouts of weight ``w`` (a new, empty set when ``w`` is new or changed)."""
+    """The cached layouts of weight ``w`` (a new, empty set when ``w`` is new or changed). The
+    weak reference held per entry keeps a freed storage's address from being reused while the
+    entry lives, so an equal storage pointer with a live reference is the same storage."""
     ptr = w.data_ptr()
-    ref = StorageWeakRef(w.untyped_storage())
+    storage = w.untyped_storage()._cdata
     try:
         version = w._version
     except RuntimeError:  # an inference tensor: no version counter, it cannot be modified in place anyway
         version = -1
     found = _layouts.get(ptr)
-    if found is not None and found[0] == ref and not found[0].expired() and found[1] == version \
-            and found[2] == (tuple(w.shape), w.stride(), w.dtype):
+    if found is not None and found[0].cdata == storage and not found[0].expired() and found[1] == version \
+            and found[2] == (w.shape, w.stride(), w.dtype):
         return found[3]
     if len(_layouts) > 4096 or found is not None:
         for key in [k for k, v in _layouts.items() if v[0].expired()]:
             del _layouts[key]
     layouts: dict = {}
-    _layouts[ptr] = [ref, version, (tuple(w.shape), w.stride(), w.dtype), layouts]
+    _layouts[ptr] = [StorageWeakRef(w.untyped_storage()), version, (w.shape, w.stride(), w.dtype), layouts]
     return layouts
 
 
@@ -125,8 +123,3 @@ def _attr(module, target: str):
     for part in target.split("."):
         module = getattr(module, part, None)
     return module
-
-
-def clear() -> None:
-    """Drop every cached weight layout."""
-    _layouts.clear()

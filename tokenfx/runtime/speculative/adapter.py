@@ -175,12 +175,15 @@ def features(model, layer: int, ids: torch.Tensor, chunk: int = 8) -> tuple[torc
     return torch.cat(hidden), torch.cat(final)
 
 
-def _kl(inline: "InlineAdapter", hidden: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+def _over_sequences(inline: "InlineAdapter", hidden: torch.Tensor) -> torch.Tensor:
+    """The adapter block over whole sequences ``hidden [B, N, C]`` (causal, positions 0 … N - 1)."""
     b, t, _ = hidden.shape
-    positions = torch.arange(t).expand(b, t)
     mask = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t)
-    a = inline.step(hidden, positions, inline.new_cache(b, t), mask, torch.arange(t))
-    student = inline.logits(a).float().log_softmax(-1)
+    return inline.step(hidden, torch.arange(t).expand(b, t), inline.new_cache(b, t), mask, torch.arange(t))
+
+
+def _kl(inline: "InlineAdapter", hidden: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    student = inline.logits(_over_sequences(inline, hidden)).float().log_softmax(-1)
     with torch.no_grad():
         teacher = torch.nn.functional.linear(final, inline.head_weight).float().log_softmax(-1)
     return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()
@@ -198,10 +201,7 @@ def agreement(model, adapter: ExitAdapter, ids: torch.Tensor) -> float:
     """How often the adapter's top token equals the full model's, over every position of ``ids``."""
     inline = InlineAdapter(adapter, model)
     hidden, final = features(model, adapter.layer, ids)
-    b, t, _ = hidden.shape
-    a = inline.step(hidden, torch.arange(t).expand(b, t), inline.new_cache(b, t),
-                    torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t), torch.arange(t))
-    draft = inline.to_vocab(inline.logits(a).argmax(-1))
+    draft = inline.to_vocab(inline.logits(_over_sequences(inline, hidden)).argmax(-1))
     full = torch.nn.functional.linear(final, model.get_output_embeddings().weight).argmax(-1)
     return float((draft == full).float().mean())
 
