@@ -180,7 +180,7 @@ def tolerance(reference_err: float, truth, dtype) -> float:
 # -- (a) tree_attention ------------------------------------------------------------------------------------
 def random_tree_masks(batch: int, tree: int, generator) -> "torch.Tensor":
     """[B, T, T] bool: the ancestor closure (self included) of a random tree per row, nodes in
-    topological order (parent[i] < i), as ``speculative.tree.batch_closure`` builds it."""
+    topological order (parent[i] < i), as ``ir.tree.batch_closure`` builds it."""
     masks = torch.zeros(batch, tree, tree, dtype=torch.bool)
     for b in range(batch):
         masks[b, 0, 0] = True

@@ -232,7 +232,8 @@ def cmd_generate(args) -> int:
 
     speculative = {}
     if args.speculate is not None:
-        from tokenfx.runtime.speculative.tree import Tree, TreeError
+        from tokenfx.errors import TreeError
+        from tokenfx.ir.tree import Tree
 
         try:
             tree = Tree.parse(args.tree) if args.tree else None

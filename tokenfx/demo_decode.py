@@ -54,7 +54,7 @@ def run_decoder_demo(out_dir: Path, console, *, compile: bool = True, new_tokens
     from tokenfx.demo import _interleaved_median_ms
     from tokenfx.frontends.load import load_hf_model
     from tokenfx.frontends.onnx import export_onnx, run_onnxruntime
-    from tokenfx.passes.kv_cache import example_inputs
+    from tokenfx.ir.kv_layout import example_inputs
     from tokenfx.runtime.generate import Generator, _model_dir, load_tokenizer
 
     console.rule(f"[bold]tokenfx demo · decoding with {model_spec}")

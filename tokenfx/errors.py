@@ -50,3 +50,7 @@ class VerificationError(TokenfxError):
 
 class GenerationError(TokenfxError):
     """Bad generation input: prompt too long, wrong padding, a model that is not a decoder."""
+
+
+class TreeError(TokenfxError):
+    """A draft tree that is not a tree: parents out of order, a bad rank path, an unknown template."""

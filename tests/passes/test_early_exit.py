@@ -10,7 +10,8 @@ from models import gpt2, llama
 from tokenfx.errors import MappingError, PassOptionError
 from tokenfx.passes import early_exit as EE
 from tokenfx.passes.base import PassManager, optimize
-from tokenfx.passes.kv_cache import KVCache, example_inputs
+from tokenfx.ir.kv_layout import example_inputs
+from tokenfx.passes.kv_cache import KVCache
 from tokenfx.passes.tree_verify import TreeVerify
 from tokenfx.runtime.generate import decoder_graph
 

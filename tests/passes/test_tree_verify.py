@@ -23,7 +23,7 @@ from models import gpt2, llama
 from tokenfx.errors import PassOptionError
 from tokenfx.passes.base import PassManager, tolerance_for
 from tokenfx.passes.tree_verify import TreeVerify
-from tokenfx.runtime.speculative.tree import Tree, batch_closure
+from tokenfx.ir.tree import Tree, batch_closure
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

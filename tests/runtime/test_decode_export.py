@@ -10,7 +10,7 @@ import torch
 
 import tokenfx
 from tokenfx.frontends.onnx import run_onnxruntime
-from tokenfx.passes.kv_cache import example_inputs
+from tokenfx.ir.kv_layout import example_inputs
 
 
 @pytest.fixture(scope="module")

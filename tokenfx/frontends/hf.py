@@ -57,15 +57,6 @@ def wrap(model, input_names: list[str]) -> torch.nn.Module:
     return cls(model)
 
 
-def max_tokens(config) -> int | None:
-    """The longest token axis the model's position scheme allows (BERT guards at 512)."""
-    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 class SentenceEmbedder(torch.nn.Module):
     """A Hugging Face encoder + masked mean pooling (sentence-transformers' default), as one
     module: ``forward(input_ids, attention_mask) → [B, C]`` (L2-normalised when ``normalize``).

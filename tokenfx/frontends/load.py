@@ -105,7 +105,7 @@ def example_inputs_for(model: torch.nn.Module, batch: int = 2, tokens: int = 64)
         size = getattr(config, "image_size", 224)
         channels = getattr(config, "num_channels", 3)
         return {"pixel_values": torch.randn(batch, channels, size, size, generator=generator)}
-    from tokenfx.frontends.hf import max_tokens
+    from tokenfx.ir.graph import max_tokens
 
     tokens = min(tokens, max_tokens(config) or tokens)
     vocab = getattr(config, "vocab_size", 100)

@@ -12,7 +12,8 @@ import torch
 
 from tokenfx.errors import CaptureError
 from tokenfx.frontends import hf
-from tokenfx.ir.graph import ModelGraph
+from tokenfx.ir.graph import ModelGraph, max_tokens
+from tokenfx.ir.rewrite import remove_identity_ops
 
 # Image inputs have a batch dim only; everything else of rank >= 2 also has a token dim.
 _BATCH_ONLY = {"pixel_values", "pixel_mask", "image", "images"}
@@ -57,7 +58,7 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True, dyn
 
     inferred = dynamic_shapes is None and dynamic
     if inferred:
-        dynamic_shapes = _default_dynamic_shapes(args, kwargs, hf.max_tokens(config) if config is not None else None)
+        dynamic_shapes = _default_dynamic_shapes(args, kwargs, max_tokens(config) if config is not None else None)
     try:
         with torch.no_grad():
             try:
@@ -73,7 +74,7 @@ def capture(model: torch.nn.Module, example_inputs, *, dynamic: bool = True, dyn
     finally:
         model.train(was_training)
     gm = ep.module()
-    _remove_identity_ops(gm)
+    remove_identity_ops(gm)
     return ModelGraph(gm, args, kwargs, dynamic_shapes, family=family, config=config, source="export")
 
 
@@ -144,25 +145,3 @@ def _default_dynamic_shapes(args, kwargs, max_tokens):
     if kwargs:
         return {name: spec(name, value) for name, value in kwargs.items()}
     return tuple(spec(None, value) for value in args)
-
-
-def _remove_identity_ops(gm: torch.fx.GraphModule) -> None:
-    """Drop ops that are identities in inference (dropout with train=False, alias, dtype
-    asserts) and dead code, so structure recovery and pattern matching see the dataflow the
-    model means."""
-    aten = torch.ops.aten
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target is aten._assert_tensor_metadata.default:  # dtype asserts around casts
-            gm.graph.erase_node(node)
-            continue
-        identity = (node.target is aten.dropout.default and (len(node.args) < 3 or node.args[2] is False)) or node.target in (
-            aten.alias.default,
-        )
-        if identity:
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()  # e.g. a pooler whose output the wrapper does not return
-    gm.graph.lint()
-    gm.recompile()

@@ -89,3 +89,13 @@ def _matches(node_target, target) -> bool:
         return True
     packet = getattr(node_target, "overloadpacket", None)
     return packet is not None and packet is target
+
+
+def max_tokens(config) -> int | None:
+    """The longest token axis a model's position scheme allows, from its config (BERT guards at
+    512, so a dynamic token dim must stop there)."""
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -52,6 +52,7 @@ import torch.fx
 from tokenfx.codegen import token_reduce as _ops  # noqa: F401  (registers the tokenfx ops)
 from tokenfx.errors import MappingError, PassOptionError
 from tokenfx.ir import aten as A
+from tokenfx.ir.rewrite import inherit_module_path
 from tokenfx.ir.shapes import propagate, rederive_token_sizes
 
 aten = torch.ops.aten
@@ -206,7 +207,7 @@ class Chain:
                                                                 [batch, kept, width]))
                 out = g.call_function(aten.gather.default, (x, 1, index3))
         new_nodes = set(g.nodes) - existing
-        _inherit_module_path(new_nodes, x)
+        inherit_module_path(new_nodes, x)
         order = {n: i for i, n in enumerate(g.nodes)}
         end = order[out]
         # everything after the step reads the new stream and the new state
@@ -285,7 +286,7 @@ class Chain:
             size = g.call_function(aten.ones_like.default, (first,), {"dtype": torch.float32})
             origin = g.call_function(aten.expand.default, (positions, [g.call_function(aten.sym_size.int, (x, 0)), tokens]))
             origin = g.call_function(aten.clone.default, (origin,))
-        _inherit_module_path(set(g.nodes) - existing, x)
+        inherit_module_path(set(g.nodes) - existing, x)
         _fake_values(self.gm, set(g.nodes) - existing)
         for node in (size, real, part, origin):
             node.meta["tokenfx_keep"] = True
@@ -313,7 +314,7 @@ class Chain:
                 index = call(aten.expand.default, (call(aten.unsqueeze.default, (final.origin, -1)), [batch, n0, channels]))
                 out = call(aten.gather.default, (padded, 1, index))
             new_nodes = set(g.nodes) - existing
-            _inherit_module_path(new_nodes, last_output)
+            inherit_module_path(new_nodes, last_output)
             for user in list(last_output.users):
                 if user not in new_nodes:
                     user.replace_input_with(last_output, out)
@@ -604,11 +605,3 @@ def _same(a, b) -> bool:
         return bool(a == b)
     except Exception:  # symbolic comparisons that cannot be decided
         return False
-
-
-def _inherit_module_path(nodes, origin: Node) -> None:
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in origin.meta:
-            for n in nodes:
-                n.meta[key] = origin.meta[key]
-

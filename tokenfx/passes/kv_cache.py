@@ -54,7 +54,9 @@ import torch.fx
 
 from tokenfx.errors import MappingError, PassOptionError
 from tokenfx.ir import aten as A
-from tokenfx.ir.graph import ModelGraph
+from tokenfx.ir.graph import ModelGraph, max_tokens
+from tokenfx.ir.kv_layout import KVLayout, drop_guards, reexport
+from tokenfx.ir.rewrite import inherit_module_path
 from tokenfx.passes.base import Pass, PassResult, register
 
 aten = torch.ops.aten
@@ -64,25 +66,6 @@ _SHAPE_QUERIES = A._ops("sym_size.int", "sym_numel", "sym_stride.int", "sym_stor
 # ops through which HF-style code repeats K/V heads for GQA (``repeat_kv``)
 _REPEAT_OPS = A._ops("reshape", "view", "_unsafe_view", "expand", "unsqueeze", "clone", "contiguous",
                      "repeat_interleave.self_int")
-
-
-@dataclasses.dataclass(frozen=True)
-class KVLayout:
-    """What the runtime needs to drive a kv_cache graph."""
-
-    mode: str  # "prefill" | "decode"
-    logits: str  # "all" | "last"
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    max_positions: int  # positions the tables cover: prompt + generated must stay below
-    dtype: torch.dtype  # of the cache
-    inputs: tuple[str, ...]
-    cache_update: str = "output"  # "inplace": the graph writes new K/V into kv_cache at ``slots`` itself
-
-    def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
-        return (self.layers, 2, batch, self.kv_heads, length, self.head_dim)
 
 
 @register
@@ -174,7 +157,7 @@ class KVCache(Pass):
                     # over the whole cache cost 5x the attention time (B=4, 1280 slots, GQA 8/2)
                     kwargs["enable_gqa"] = True
                 core = g.call_function(aten.scaled_dot_product_attention.default, (sdpa["q"], k_all, v_all), kwargs)
-            _inherit_module_path(set(g.nodes) - existing, att.core)  # the ModelMap of the new graph finds the block
+            inherit_module_path(set(g.nodes) - existing, att.core)  # the ModelMap of the new graph finds the block
             att.core.replace_all_uses_with(core)
             g.erase_node(att.core)
         output = next(n for n in g.nodes if n.op == "output")
@@ -183,7 +166,7 @@ class KVCache(Pass):
         with g.inserting_before(output):
             stacked = g.call_function(aten.stack.default, (new_kv, 0))
         output.args = ((logits, stacked),)
-        _drop_guards(g)
+        drop_guards(g)
         g.eliminate_dead_code()
 
         tables = _position_tables(gm, new_ids, positions, A.shape(ids), example_ids, max_positions)
@@ -222,7 +205,7 @@ class KVCache(Pass):
                           ("tokens", "positions", "kv_cache", "cache_mask", "token_mask") + (("slots",) if inplace else ())
                           if decode else ("tokens", "positions") + (() if dense else ("token_mask",)),
                           o.cache_update if decode else "output")
-        new = _reexport(gm, graph, layout, example_ids)
+        new = reexport(gm, graph, layout, example_ids)
         matched = [f"{b.name}: attention reads the cache" for b, _ in attentions]
         matched += [f"position table {name} [{max_positions} positions]" for name in tables]
         return PassResult(new, matched=matched, stats={"layers": layout.layers, "kv_heads": layout.kv_heads,
@@ -251,10 +234,8 @@ def _example_for(graph: ModelGraph, name: str, index: int) -> torch.Tensor:
 
 
 def _max_positions(graph: ModelGraph) -> int:
-    from tokenfx.frontends import hf
-
-    if graph.config is not None and hf.max_tokens(graph.config):
-        return int(hf.max_tokens(graph.config))
+    if graph.config is not None and max_tokens(graph.config):
+        return int(max_tokens(graph.config))
     raise PassOptionError("kv_cache: the model does not say how many positions it supports; pass max_positions=N")
 
 
@@ -375,19 +356,6 @@ def _kv_write_op():
     return torch.ops.tokenfx.kv_write.default
 
 
-def _inherit_module_path(nodes, origin: Node) -> None:
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in origin.meta:
-            for n in nodes:
-                n.meta[key] = origin.meta[key]
-
-
-def _drop_guards(g: torch.fx.Graph) -> None:
-    for node in list(g.nodes):
-        if node.op == "call_module" and not node.users:
-            g.erase_node(node)
-
-
 def _kv_dtype(k: Node) -> torch.dtype:
     v = A.val(k)
     return v.dtype if isinstance(v, torch.Tensor) else torch.float32
@@ -455,62 +423,6 @@ def _position_tables(gm, ids: Node, positions: Node, ids_shape, example_ids: tor
 def _same(d, sym) -> bool:
     """Is size ``d`` the symbolic dim ``sym`` (static sizes never are: a literal is ambiguous)?"""
     return isinstance(d, torch.SymInt) and isinstance(sym, torch.SymInt) and d.node.expr == sym.node.expr
-
-
-# -- export ---------------------------------------------------------------------------------------
-def example_inputs(layout: KVLayout, *, batch: int, tokens: int, past: int, device=None, vocab: int = 2):
-    """Inputs for a kv_cache graph: zero cache, full masks, positions after ``past``."""
-    ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(device)
-    positions = (torch.arange(tokens, device=device) + past).expand(batch, tokens).contiguous()
-    token_mask = torch.ones(batch, tokens, dtype=torch.long, device=device)
-    if "tree_mask" in layout.inputs:  # tree_verify's graph: a chain (causal) tree
-        token_mask = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril().expand(batch, -1, -1).contiguous()
-    if layout.mode == "prefill":
-        return (ids, positions, token_mask) if "token_mask" in layout.inputs else (ids, positions)
-    if layout.cache_update == "inplace":  # the buffer also holds the new tokens' slots
-        cache = torch.zeros(layout.cache_shape(batch, past + tokens), dtype=layout.dtype, device=device)
-        cache_mask = torch.zeros(batch, past + tokens, dtype=torch.long, device=device)
-        cache_mask[:, :past] = 1
-        slots = torch.arange(past, past + tokens, device=device)
-        return (ids, positions, cache, cache_mask, token_mask, slots)
-    cache = torch.zeros(layout.cache_shape(batch, past), dtype=layout.dtype, device=device)
-    return (ids, positions, cache, torch.ones(batch, past, dtype=torch.long, device=device), token_mask)
-
-
-def dynamic_shapes(layout: KVLayout):
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    tokens = torch.export.Dim("tokens", min=1, max=layout.max_positions)
-    if layout.mode == "prefill":
-        return tuple({0: batch, 1: tokens} for _ in layout.inputs)
-    past = torch.export.Dim("past", min=1, max=layout.max_positions - 1)
-    mask = {0: batch, 1: tokens, 2: tokens} if "tree_mask" in layout.inputs else {0: batch, 1: tokens}
-    if layout.cache_update == "inplace":
-        length = torch.export.Dim("cache_length", min=2, max=layout.max_positions)
-        return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {2: batch, 4: length}, {0: batch, 1: length}, mask,
-                {0: tokens})
-    return ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {2: batch, 4: past}, {0: batch, 1: past}, mask)
-
-
-def _reexport(gm, graph: ModelGraph, layout: KVLayout, example_ids: torch.Tensor) -> ModelGraph:
-    from tokenfx.frontends.torch_export import _remove_identity_ops
-
-    vocab = int(getattr(graph.config, "vocab_size", 2) or 2)
-    args = example_inputs(layout, batch=2, tokens=3, past=5, device=example_ids.device, vocab=vocab)
-    shapes = dynamic_shapes(layout)
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(gm, args, dynamic_shapes=shapes, strict=False)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MappingError(f"kv_cache: the rewritten graph does not export: {first}") from exc
-    module = ep.module()
-    _remove_identity_ops(module)
-    _drop_guards(module.graph)
-    module.graph.eliminate_dead_code()
-    module.recompile()
-    new = ModelGraph(module, args, {}, shapes, family=graph.family, config=graph.config, source="export")
-    new.kv = layout
-    return new
 
 
 # -- verification -----------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ import torch
 from tokenfx.errors import MappingError, PassOptionError
 from tokenfx.ir import aten as A
 from tokenfx.ir import token_reduction as T
+from tokenfx.ir.rewrite import inherit_module_path
 from tokenfx.passes.base import Pass, PassResult, register
 
 aten = torch.ops.aten
@@ -169,7 +170,7 @@ def _eager_attention(g: torch.fx.Graph, attention) -> torch.fx.Node:
         probs = g.call_function(aten._softmax.default, (scores, -1, False))
         out = g.call_function(aten.matmul.default, (probs, v))
     out.meta[T.MASK_ADD] = masked.name  # where a reduction step in an earlier block puts its bias
-    T._inherit_module_path(set(g.nodes) - existing, core)
+    inherit_module_path(set(g.nodes) - existing, core)
     T._fake_values(g.owning_module, set(g.nodes) - existing)
     if core.target is aten.scaled_dot_product_attention.default:
         core.replace_all_uses_with(out)

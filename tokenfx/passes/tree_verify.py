@@ -14,7 +14,7 @@ After::
                                      tree_mask[B, T, T] [, slots[T]])
 
 ``tree_mask[b, i, j]``: tree token ``j`` is token ``i`` itself or one of its ancestors in row
-``b``'s tree (:class:`tokenfx.runtime.speculative.tree.Tree`'s ``mask``); ``positions`` are
+``b``'s tree (:class:`tokenfx.ir.tree.Tree`'s ``mask``); ``positions`` are
 each row's prefix length + node depth (explicit, so RoPE and learned positions both work);
 each row has its own tree, prefix length and cache mask. Rows with smaller trees pad theirs
 with self-only nodes. A causal ``tree_mask`` makes the graph an ordinary decode step.
@@ -41,7 +41,8 @@ from tokenfx.errors import MappingError, PassOptionError
 from tokenfx.ir import aten as A
 from tokenfx.ir.graph import ModelGraph
 from tokenfx.passes.base import Pass, PassResult, register
-from tokenfx.passes.kv_cache import _inherit_module_path, _reexport
+from tokenfx.ir.kv_layout import example_inputs, reexport
+from tokenfx.ir.rewrite import inherit_module_path
 
 aten = torch.ops.aten
 
@@ -105,7 +106,7 @@ class TreeVerify(Pass):
             existing = set(g.nodes)
             with g.inserting_before(att.core):
                 core = g.call_function(op, (a["q"], a["k"], a["v"], key_mask, tree_mask, slots, float(scale)))
-            _inherit_module_path(set(g.nodes) - existing, att.core)
+            inherit_module_path(set(g.nodes) - existing, att.core)
             att.core.replace_all_uses_with(core)
             g.erase_node(att.core)
         g.eliminate_dead_code()
@@ -122,7 +123,7 @@ class TreeVerify(Pass):
 
         new_layout = dataclasses.replace(layout, inputs=tuple("tree_mask" if n == "token_mask" else n for n in layout.inputs))
         example_ids = A.val(tokens)
-        new = _reexport(graph.gm, graph, new_layout, torch.zeros(1, 1, dtype=torch.long, device=example_ids.device))
+        new = reexport(graph.gm, graph, new_layout, torch.zeros(1, 1, dtype=torch.long, device=example_ids.device))
         return PassResult(new, matched=[f"{b.name}: tree attention" for b, _ in attentions],
                           stats={"layers": len(attentions)})
 
@@ -133,8 +134,7 @@ class TreeVerify(Pass):
 
 
 def reference_pairs(before: ModelGraph, after: ModelGraph):
-    from tokenfx.passes.kv_cache import example_inputs
-    from tokenfx.runtime.speculative.tree import Tree
+    from tokenfx.ir.tree import Tree
 
     layout = before.kv
     vocab = int(getattr(before.config, "vocab_size", 2) or 2)

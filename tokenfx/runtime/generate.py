@@ -28,6 +28,7 @@ import torch
 
 from tokenfx.errors import GenerationError, MappingError, ModelLoadError
 from tokenfx.ir.graph import ModelGraph
+from tokenfx.ir.kv_layout import KVLayout
 from tokenfx.runtime.kv import PrefixCache
 from tokenfx.runtime.timing import RoundClock
 
@@ -68,7 +69,7 @@ class Generator:
             warm = executor.load_compiled_set(self._warm_key, tuple(specs), module=module)
         if warm is not None:
             (self._prefill, self._prefill_dense, self._decode), meta = warm
-            self.layout = _layout_from_json(meta["layout"])
+            self.layout = KVLayout.from_json(meta["layout"])
         else:
             graphs = {label: self.graph(*spec) for label, spec in specs.items()}
             self.layout = graphs["decode"].kv
@@ -76,7 +77,7 @@ class Generator:
             if self.compile and module is not None:
                 from tokenfx.runtime import executor
 
-                executor.remember_compiled_set(self._warm_key, run, {"layout": _layout_to_json(self.layout)}, module=module)
+                executor.remember_compiled_set(self._warm_key, run, {"layout": self.layout.to_json()}, module=module)
             self._prefill, self._prefill_dense, self._decode = run["prefill"], run["prefill_dense"], run["decode"]
         self.vocab_size = int(getattr(self.config, "vocab_size", 0) or 0)
         self.eos_ids, self.pad_id = _special_tokens(self.config)
@@ -462,21 +463,6 @@ def _resolve(model):
     if not isinstance(model, torch.nn.Module):
         raise GenerationError(f"cannot generate with a {type(model).__name__}: pass a causal LM, a ModelGraph or a model spec")
     return model  # whether it is a causal LM is the ModelMap's call (kv_cache refuses encoders / no LM head)
-
-
-def _layout_to_json(layout) -> dict:
-    import dataclasses
-
-    data = dataclasses.asdict(layout)
-    data["dtype"] = str(layout.dtype).removeprefix("torch.")
-    data["inputs"] = list(layout.inputs)
-    return data
-
-
-def _layout_from_json(data: dict):
-    from tokenfx.passes.kv_cache import KVLayout
-
-    return KVLayout(**{**data, "dtype": getattr(torch, data["dtype"]), "inputs": tuple(data["inputs"])})
 
 
 def decoder_graph(model) -> ModelGraph:

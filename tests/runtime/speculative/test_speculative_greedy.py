@@ -22,7 +22,7 @@ from models import gpt2, held_out_code_prompts, left_pad, llama
 from tokenfx.errors import GenerationError
 from tokenfx.runtime.generate import Generator, generator_for, load_tokenizer
 from tokenfx.runtime.speculative.drafters import DraftModel
-from tokenfx.runtime.speculative.tree import Tree
+from tokenfx.ir.tree import Tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from tokenfx.runtime.speculative import verify as V
-from tokenfx.runtime.speculative.tree import Tree
+from tokenfx.ir.tree import Tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

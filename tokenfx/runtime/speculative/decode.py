@@ -32,7 +32,7 @@ from tokenfx.codegen import kv_compact  # noqa: F401  (registers tokenfx::kv_com
 from tokenfx.errors import GenerationError
 from tokenfx.runtime.generate import _sample
 from tokenfx.runtime.speculative import verify as V
-from tokenfx.runtime.speculative.tree import batch_closure
+from tokenfx.ir.tree import batch_closure
 from tokenfx.runtime.timing import RoundClock
 
 

@@ -24,7 +24,7 @@ import torch
 from tokenfx.errors import GenerationError
 from tokenfx.runtime.speculative import verify as V
 from tokenfx.runtime.speculative.decode import Draft, Drafter, State, positions_of
-from tokenfx.runtime.speculative.tree import Tree, batch_closure
+from tokenfx.ir.tree import Tree, batch_closure
 
 
 class TokenRecycling(Drafter):

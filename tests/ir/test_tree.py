@@ -11,7 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenfx.runtime.speculative.tree import RECYCLING_LEVELS, Tree, TreeError, batch_closure
+from tokenfx.errors import TokenfxError, TreeError
+from tokenfx.ir.tree import RECYCLING_LEVELS, Tree, batch_closure
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -165,7 +166,7 @@ def test_bad_templates():
         Tree.from_level_sizes([9], k=8)  # 9 nodes under one root with only 8 candidates
     with pytest.raises(TreeError, match="k"):
         Tree.from_level_sizes([1], k=0)
-    assert issubclass(TreeError, ValueError)
+    assert issubclass(TreeError, TokenfxError)
 
 
 # -- batches -------------------------------------------------------------------------------------------

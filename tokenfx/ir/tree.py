@@ -30,11 +30,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from tokenfx.errors import TreeError
+
 RECYCLING_LEVELS = (8, 21, 25, 15, 8, 3)  # Token Recycling's template: nodes per level, depth 6
-
-
-class TreeError(ValueError):
-    pass
 
 
 class Tree:
