@@ -66,11 +66,10 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from machine import add_modes, benchmark_parser, pyplot, quiet_libraries, save_figure, start_run
 
-import argparse  # noqa: E402
+quiet_libraries()
+
 import ast  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -85,14 +84,11 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import tokenfx  # noqa: E402
 from tokenfx.frontends.hf import SentenceEmbedder  # noqa: E402
 from tokenfx.passes.base import PassManager  # noqa: E402
-from machine import machine_info, save_figure  # noqa: E402  (benchmarks/machine.py, next to this script)
 
 # -- the sweep: edit freely -----------------------------------------------------------------------------------
 # Each entry is one tokenfx pipeline string, applied to the captured MiniLM graph. "" = identity control.
@@ -113,7 +109,7 @@ CONFIGS = [
     "token_merge(ratio=0.2)",
     "token_merge(ratio=0.2, metric='hidden', proportional=False)",
     "token_prune(keep=0.9)",
-    "token_prune(keep=0.9, layers=[1, 2]),token_merge(ratio=0.15, metric='hidden')",
+    "token_prune(keep=0.9, blocks=[1, 2]),token_merge(ratio=0.15, metric='hidden')",
 ]
 # Applied to the captured ViT-B/16 (throughput only).
 VIT_CONFIGS = [f"token_merge(r={r})" for r in (0, 4, 8, 12, 16)]
@@ -506,11 +502,9 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+
+    plt = pyplot()
 
     lengths = results["lengths"]
     vit = results.get("vit")
@@ -609,16 +603,13 @@ def tables(results: dict) -> tuple[list[Table], str]:
 
 # -- main -----------------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", dest="mode", action="store_const", const="quick", default="full",
-                        help="64 texts, 2 repeats (default: 512 texts, 3 repeats)")
+    parser = benchmark_parser(__doc__, threads=min(2, os.cpu_count() or 1),
+                              threads_help="torch intra-op threads (default: 2, or fewer cores; 1 is steadier on a "
+                                           "machine shared with other work)")
+    add_modes(parser, default="full", quick="64 texts, 2 repeats (default: 512 texts, 3 repeats)")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="token lengths (default 128 256)")
     parser.add_argument("--texts", type=int, default=None, help=f"texts per length, a multiple of {BATCH}")
     parser.add_argument("--repeats", type=int, default=None, help="timing rounds per length (median)")
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                        help="torch intra-op threads (default: 2, or fewer cores; 1 is steadier on a machine "
-                             "shared with other work)")
     parser.add_argument("--configs", nargs="+", default=None, metavar="PIPELINE",
                         help="MiniLM pipelines, one per argument (replaces CONFIGS; \"\" = identity control)")
     parser.add_argument("--vit-configs", nargs="+", default=None, metavar="PIPELINE",
@@ -627,27 +618,22 @@ def main(argv=None) -> None:
     parser.add_argument("--min-fill", type=float, default=MIN_FILL,
                         help=f"a text for length L needs at least this fraction of L tokens (default {MIN_FILL})")
     parser.add_argument("--seed", type=int, default=0, help="text selection")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="output folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
     count = args.texts if args.texts is not None else mode["texts"]
     repeats = args.repeats if args.repeats is not None else mode["repeats"]
     configs = list(args.configs) if args.configs is not None else list(CONFIGS)
     vit_configs = list(args.vit_configs) if args.vit_configs is not None else list(VIT_CONFIGS)
-    if count < 2 * BATCH or count % BATCH or repeats < 1 or args.threads < 1 or min(args.lengths) < 8:
-        parser.error(f"--texts must be a multiple of {BATCH} and at least {2 * BATCH}; --repeats and --threads at "
-                     f"least 1; --lengths at least 8")
+    if count < 2 * BATCH or count % BATCH or repeats < 1 or min(args.lengths) < 8:
+        parser.error(f"--texts must be a multiple of {BATCH} and at least {2 * BATCH}; --repeats at least 1; "
+                     f"--lengths at least 8")
     if len(set(configs)) != len(configs) or len(set(vit_configs)) != len(vit_configs):
         parser.error("a config is listed twice")
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    run = start_run("token_reduction", args, console_width=160)
+    console = run.console
 
     from transformers import AutoModel, AutoTokenizer
 
-    console = Console(width=max(Console().width, 160))
-    started = time.perf_counter()
-    machine = machine_info()
     model_dir = Path(tokenfx.assets.path(MODEL))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf = SentenceEmbedder(AutoModel.from_pretrained(model_dir).eval())
@@ -668,9 +654,8 @@ def main(argv=None) -> None:
     if not args.skip_vit:
         n = len(vit_configs) + 2
         steps += 1 + len(vit_configs) + n * WARMUP + n * repeats
-    columns = (TextColumn("{task.description:<80}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     results_lengths = {}
-    with Progress(*columns, console=console) as progress:
+    with run.progress(80) as progress:
         task = progress.add_task("capture", total=steps)
         first = sets[lengths[-1]][0][0]  # the longest set: the example must outlast every schedule
         example = {k: v[:2, :CAPTURE_TOKENS].clone() for k, v in first.items()}
@@ -711,8 +696,8 @@ def main(argv=None) -> None:
         "seed": args.seed,
         "min_fill": args.min_fill,
         "batch": BATCH,
-        "machine": machine,
-        "source": machine["tokenfx_source"],  # git HEAD, uncommitted changes, hash of tokenfx/*.py
+        "machine": run.machine,
+        "source": run.machine["tokenfx_source"],  # git HEAD, uncommitted changes, hash of tokenfx/*.py
         "model": {"name": f"tokenfx:{MODEL}", "path": str(model_dir), "wrapper": "SentenceEmbedder (masked mean "
                   "pooling + L2 normalise)", "class": type(hf.model).__name__, "dtype": "float32",
                   "layers": hf.config.num_hidden_layers, "hidden": hf.config.hidden_size,
@@ -739,10 +724,7 @@ def main(argv=None) -> None:
     }
     results["targets"] = check_targets(results_lengths)
     rich_tables, results["markdown_table"] = tables(results)
-    results["total_runtime_s"] = time.perf_counter() - started
-    json_path, png_path = args.out / "token_reduction.json", args.out / "token_reduction.png"
-    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    plot(results, png_path)
+    run.save(results, plot)
     for table in rich_tables:
         console.print(table)
     for t in results["targets"]:
@@ -751,7 +733,7 @@ def main(argv=None) -> None:
         console.print(f"target L={t['length']}: ≥{t['min_ratio']:g}× at mean cos ≥{t['min_mean_cosine']:g}: {verdict}"
                       + (f" (best: {best['config']!r} {best['ratio']:.2f}× at cos {best['cosine_mean']:.4f})"
                          if best else ""))
-    console.print(f"wrote {json_path} and {png_path} in {results['total_runtime_s']:.0f} s")
+    run.print_written(results)
 
 
 if __name__ == "__main__":

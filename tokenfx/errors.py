@@ -54,3 +54,17 @@ class GenerationError(TokenfxError):
 
 class TreeError(TokenfxError):
     """A draft tree that is not a tree: parents out of order, a bad rank path, an unknown template."""
+
+
+class PassDefinitionError(TokenfxError):
+    """A Pass subclass that cannot be registered (e.g. a contract other than exact / bounded / approximate)."""
+
+
+class OpInputError(TokenfxError):
+    """A ``tokenfx::*`` op, or a kernel source to emit for it, given what it does not take: an unknown
+    norm kind, an unsupported dtype, an input too short for the token-reduction schedule."""
+
+
+class CacheError(TokenfxError):
+    """A prefix cache (:class:`tokenfx.runtime.kv.PrefixCache`) given what it cannot hold: a
+    negative byte cap, K/V whose length differs from its tokens'."""

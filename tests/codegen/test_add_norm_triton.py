@@ -15,6 +15,7 @@ import torch
 
 import tokenfx.codegen.add_norm  # noqa: F401  registers torch.ops.tokenfx.add_norm
 from tokenfx.codegen.add_norm import add_norm_reference
+from tokenfx.errors import OpInputError
 
 import triton  # noqa: F401  (runs under TRITON_INTERPRET=1; a dev dependency)
 assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET=1"
@@ -85,7 +86,7 @@ def test_bf16_sum_rounds_to_nearest_even():
 
 def test_unknown_kind_is_rejected():
     x, r, w, b = _inputs((2, 8), torch.float32)
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(OpInputError, match="kind must be one of"):
         add_norm_triton(x, r, w, b, 1e-5, "batchnorm")
 
 
@@ -121,9 +122,9 @@ def test_emitted_source_runs_standalone(tmp_path, kind, dtype, weight, bias):
 
 
 def test_emit_rejects_bad_specialisation():
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(OpInputError, match="dtype"):
         emit_source(C=8, kind="rmsnorm", has_weight=True, has_bias=False, dtype="int8", eps=1e-5)
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(OpInputError, match="kind"):
         emit_source(C=8, kind="groupnorm", has_weight=True, has_bias=False, dtype="float32", eps=1e-5)
 
 

@@ -16,6 +16,7 @@ import torch
 
 import tokenfx.codegen.kv_compact  # noqa: F401  registers torch.ops.tokenfx.kv_compact
 from tokenfx.codegen.kv_compact import kv_compact_reference
+from tokenfx.errors import OpInputError
 
 import triton  # noqa: F401  (runs under TRITON_INTERPRET=1; a dev dependency)
 assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET=1"
@@ -132,5 +133,5 @@ def test_emitted_source_runs_standalone(tmp_path):
     assert torch.equal(cache, want)
     with pytest.raises(ValueError, match="specialised to"):
         module.launch(cache.float(), src, dst)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(OpInputError, match="dtype"):
         emit_source(head_dim=12, dtype="int8")

@@ -23,6 +23,7 @@ from hypothesis import given, settings, strategies as st
 from tokenfx.codegen.token_reduce import (attention_pagerank_reference, bipartite_match_reference,
                                           importance_roles_reference, merge_tokens_reference,
                                           reduction_plan_reference)
+from tokenfx.errors import OpInputError
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET=1"
 from tokenfx.codegen.triton import token_reduce as k  # noqa: E402
@@ -286,11 +287,11 @@ def test_emitted_pagerank_runs_standalone(tmp_path):
 
 
 def test_emit_rejects_bad_specialisation():
-    with pytest.raises(ValueError, match="op must be one of"):
+    with pytest.raises(OpInputError, match="op must be one of"):
         k.emit_source("token_merge", dtype="float32", channels=8)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(OpInputError, match="dtype"):
         k.emit_source("merge_tokens", dtype="int8", channels=8)
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(OpInputError, match="channels"):
         k.emit_source("bipartite_match", dtype="float32", channels=0)
     with pytest.raises(TypeError):
         k.emit_source("attention_pagerank", dtype="float32", channels=8)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import tokenfx.codegen.tree_attention  # noqa: F401  registers torch.ops.tokenfx.tree_attention
 from tokenfx.codegen.tree_attention import tree_attention_reference
+from tokenfx.errors import OpInputError
 
 import triton  # noqa: F401  (runs under TRITON_INTERPRET=1; a dev dependency)
 assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py must set TRITON_INTERPRET=1"
@@ -204,9 +205,9 @@ def test_emitted_source_runs_standalone(tmp_path, dtype, group):
 
 
 def test_emit_rejects_bad_specialisation():
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(OpInputError, match="dtype"):
         emit_source(head_dim=64, dtype="int8", group=1)
-    with pytest.raises(ValueError, match="block_s"):
+    with pytest.raises(OpInputError, match="block_s"):
         emit_source(head_dim=64, dtype="float16", group=1, block_s=24)
 
 

@@ -13,7 +13,7 @@ from tokenfx.passes.base import PassManager, optimize
 from tokenfx.ir.kv_layout import example_inputs
 from tokenfx.passes.kv_cache import KVCache
 from tokenfx.passes.tree_verify import TreeVerify
-from tokenfx.runtime.generate import decoder_graph
+from tokenfx.frontends.load import decoder_graph
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

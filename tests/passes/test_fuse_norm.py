@@ -12,8 +12,7 @@ import torch
 
 import tokenfx
 from models import EXAMPLE, FAMILIES, call, captured, llama, token_inputs
-from tokenfx.errors import PassOptionError, PipelineSyntaxError, UnknownPassError
-from tokenfx.passes.base import PassManager, optimize, parse_pipeline
+from tokenfx.passes.base import PassManager, optimize
 from tokenfx.passes.fuse_norm import FuseNorm
 
 aten = torch.ops.aten
@@ -208,48 +207,6 @@ def test_optimize_does_not_mutate_the_original():
     assert torch.equal(call(graph.module(), inputs), before)
 
 
-# -- the pipeline parser ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("text,position", [
-    ("fuse_norm,,x", len("fuse_norm,")),
-    ("fuse_norm x", len("fuse_norm ")),
-    ("fuse_norm(final_norm=true", len("fuse_norm(final_norm=true")),
-    ("fuse_norm(final_norm)", len("fuse_norm(final_norm")),
-    ("fuse_norm,", len("fuse_norm,")),
-    ("", 0),
-])
-def test_syntax_error_position(text, position):
-    with pytest.raises(PipelineSyntaxError) as info:
-        parse_pipeline(text)
-    assert info.value.position == position
-    assert info.value.text == text
-    # the message points at the position under the text
-    assert ("\n  " + " " * position + "^") in str(info.value)
-
-
-def test_unknown_pass_lists_valid_passes():
-    with pytest.raises(UnknownPassError, match="fuse_nrom") as info:
-        parse_pipeline("fuse_nrom")
-    assert "fuse_norm" in str(info.value).split("fuse_nrom", 1)[1]
-
-
-def test_unknown_option_lists_valid_options():
-    with pytest.raises(UnknownPassError, match="bogus") as info:
-        parse_pipeline("fuse_norm(bogus=1)")
-    assert "final_norm" in str(info.value)
-
-
-@pytest.mark.parametrize("value", ["3", "1.5", "'yes'", "[true]"])
-def test_option_of_the_wrong_type(value):
-    with pytest.raises(PassOptionError, match="final_norm"):
-        parse_pipeline(f"fuse_norm(final_norm={value})")
-
-
-def test_options_parse():
-    (p,) = parse_pipeline(" fuse_norm ( final_norm = FALSE ) ")
-    assert isinstance(p, FuseNorm) and p.options.final_norm is False
-    assert [type(x) for x in parse_pipeline("fuse_norm,fuse_norm()")] == [FuseNorm, FuseNorm]
-
-
 def test_float64_model_stays_exact():
     """The fused op computes in the input's precision when that is wider than fp32 (LayerNorm
     in fp64 does; HF's RMSNorm casts to fp32 itself, so it is not the case to test)."""
@@ -258,11 +215,6 @@ def test_float64_model_stays_exact():
     graph = tokenfx.capture(bert().double(), token_inputs(2, 7))
     report = PassManager("fuse_norm", verify=True).run(graph)
     assert report.passes[0].max_abs_error < 1e-12
-
-
-def test_options_cannot_be_smuggled_through_the_pipeline():
-    with pytest.raises(UnknownPassError, match="no option 'options'"):
-        parse_pipeline("fuse_norm(options=1)")
 
 
 def test_fuses_through_a_reshape_before_the_norm():

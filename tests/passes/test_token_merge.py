@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import tokenfx
 from models import bert, image_inputs, llama, token_inputs, vit
-from tokenfx.errors import MappingError, PassOptionError
+from tokenfx.errors import MappingError, OpInputError, PassOptionError
 from tokenfx.frontends.hf import SentenceEmbedder
 
 tfx = torch.ops.tokenfx
@@ -228,5 +228,5 @@ def test_errors_name_the_problem():
         tokenfx.optimize(graph, "token_merge(r=4)")
     model, _ = embedder()
     merged = tokenfx.optimize(tokenfx.capture(model, token_inputs(2, 24)), "token_merge(r=4)").module()
-    with pytest.raises(ValueError, match="too short"):  # a dynamic schedule on an input too short for it
+    with pytest.raises(OpInputError, match="too short"):  # a dynamic schedule on an input too short for it
         merged(**ragged([6, 6], 6))

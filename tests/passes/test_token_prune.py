@@ -95,7 +95,7 @@ def test_prune_then_merge_in_either_order_is_one_chain():
 
 def test_sdpa_stays_where_nothing_prunes_and_keep_ratio_follows_the_length():
     _, graph = embedder()
-    pruned = tokenfx.optimize(graph, "token_prune(keep=0.75, layers=[1])")
+    pruned = tokenfx.optimize(graph, "token_prune(keep=0.75, blocks=[1])")
     assert pruned.count(aten.scaled_dot_product_attention) == 1  # block 0 keeps SDPA
     assert pruned.count(tfx.attention_pagerank) == 1
     (plan,) = [n for n in pruned.graph.nodes if n.target is tfx.reduction_plan.default]
@@ -138,8 +138,8 @@ def test_errors_name_the_problem():
     _, graph = embedder()
     with pytest.raises(PassOptionError, match=r"keep=0.3 must be in \[0.5, 1\]"):
         tokenfx.optimize(graph, "token_prune(keep=0.3)")
-    with pytest.raises(PassOptionError, match="layer 5 does not exist"):
-        tokenfx.optimize(graph, "token_prune(keep=0.8, layers=[5])")
+    with pytest.raises(PassOptionError, match="block 5 does not exist"):
+        tokenfx.optimize(graph, "token_prune(keep=0.8, blocks=[5])")
     with pytest.raises(PassOptionError, match="r or keep, not both"):
         tokenfx.optimize(graph, "token_prune(r=2, keep=0.8)")
     with pytest.raises(PassOptionError, match="iterations"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from tokenfx.codegen.ops import register_op
+from tokenfx.errors import OpInputError
 
 KINDS = ("layernorm", "rmsnorm")
 
@@ -29,7 +30,7 @@ def add_norm_reference(x, residual, weight, bias, eps: float, kind: str):
     elif kind == "rmsnorm":
         y = s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps)
     else:
-        raise ValueError(f"add_norm: kind must be one of {KINDS}, got {kind!r}")
+        raise OpInputError(f"add_norm: kind must be one of {KINDS}, got {kind!r}")
     if weight is not None:
         y = y * weight.to(s.dtype)
     if bias is not None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 from onnxscript import ir
 from onnxscript import opset18 as op
 
+from tokenfx.errors import OpInputError
+
 KINDS = ("layernorm", "rmsnorm")
 _FLOAT = ir.DataType.FLOAT
 
@@ -34,7 +36,7 @@ def _to_float(value):
 def translate(x, residual, weight, bias, eps: float, kind: str):
     """``(normed, summed)`` for x, residual ``[..., C]``; weight, bias ``[C]`` or None."""
     if kind not in KINDS:
-        raise ValueError(f"add_norm: kind must be one of {KINDS}, got {kind!r}")
+        raise OpInputError(f"add_norm: kind must be one of {KINDS}, got {kind!r}")
     summed = op.Add(x, residual)
     s = _to_float(summed)
     eps = float(eps)

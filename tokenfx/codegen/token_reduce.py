@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 
 from tokenfx.codegen.ops import register_op
+from tokenfx.errors import OpInputError
 
 _NEG = float("-inf")
 
@@ -101,7 +102,7 @@ def _check_removable(removable: torch.Tensor, r: int) -> None:
     except Exception:  # fake / traced tensors
         return
     if fewest < r:
-        raise ValueError(f"token reduction: a row has only {fewest} tokens it may remove but this block removes "
+        raise OpInputError(f"token reduction: a row has only {fewest} tokens it may remove but this block removes "
                          f"r={r}; the input is too short for the schedule (a block removes at most half of the "
                          f"tokens that can take part)")
 

@@ -156,7 +156,9 @@ def rederive_token_sizes(gm: torch.fx.GraphModule, reduced: torch.fx.Node, *, to
                 node = graph.call_function(operator.floordiv, (build(a, before), build(b, before)))
             built[expr] = node
             return node
-        raise NotImplementedError(f"cannot rebuild size expression {expr}")
+        # the same family as the ambiguity refusals above, so passes that catch those catch this too
+        raise PassOptionError(f"size {expr} (in {before.name}) follows the token count through an operation "
+                              "tokenfx cannot rebuild (only +, × and floor division); this graph cannot change N")
 
     def rewrite(arg, user):
         nonlocal changed

@@ -64,6 +64,16 @@ _STATE = ("size", "real", "part", "origin", "bias")
 
 
 @dataclasses.dataclass
+class ReductionOptions:
+    """The options of every pass that adds steps to the chain (``token_merge``, ``token_prune``
+    extend it): what happens around the tokens a step removes."""
+
+    proportional: bool = True  # add log(size) to later attention's keys (ToMe's proportional attention)
+    protect: list[int] = dataclasses.field(default_factory=lambda: [0])  # positions that never take part (CLS)
+    unmerge: bool = False  # copy reduced values back so outputs keep the input's N tokens
+
+
+@dataclasses.dataclass
 class State:
     size: Node
     real: Node

@@ -6,14 +6,17 @@ Usage::
     g2 = optimize(g, "fuse_norm")                        # pipeline string
     g2 = optimize(g, [FuseNorm()])                       # or Pass objects
     report = PassManager("fuse_norm", verify=True).run(g) # report.graph, report.passes[i].stats
+    result = FuseNorm().run(g)                           # one pass, no re-lint / shape propagation
 
 A pipeline string is ``name(opt=value, ...),name2``; values are ints, floats, booleans,
 strings and ``[...]`` / ``(...)`` lists. Errors name the position, the unknown pass or
-option, and the valid choices.
+option, and the valid choices (a ``Literal[...]`` option lists its values).
 
 A pass subclasses :class:`Pass`: a ``name``, a typed ``Options`` dataclass, a ``contract``
-("exact", "bounded", "approximate") and ``run(graph) -> PassResult``. It may mutate the
-graph it is given: the manager hands it a clone.
+("exact", "bounded", "approximate") and ``rewrite(graph) -> PassResult``, which mutates the
+graph it is handed. Only two doors lead to ``rewrite`` and both hand it a clone, so the
+caller's graph never changes: :meth:`PassManager.run` (the pipeline) and :meth:`Pass.run`
+(one pass called directly).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from tokenfx.errors import PassOptionError, PipelineSyntaxError, UnknownPassError, VerificationError
+from tokenfx.errors import (PassDefinitionError, PassOptionError, PipelineSyntaxError, UnknownPassError,
+                            VerificationError)
 from tokenfx.ir.graph import ModelGraph
 
 CONTRACTS = ("exact", "bounded", "approximate")
@@ -52,11 +56,19 @@ class Pass:
     def __init__(self, options: Any = None, **overrides):
         if options is None:
             options = build_options(type(self), overrides)
-        elif overrides:
-            options = dataclasses.replace(options, **dataclasses.asdict(build_options(type(self), overrides)))
+        else:
+            check_choices(type(self), options)  # an Options object built by hand skips the parser
+            if overrides:
+                built = build_options(type(self), overrides)
+                options = dataclasses.replace(options, **{key: getattr(built, key) for key in overrides})
         self.options = options
 
-    def run(self, graph: ModelGraph) -> PassResult:  # pragma: no cover - interface
+    def run(self, graph: ModelGraph) -> PassResult:
+        """Rewrite a clone of ``graph``; ``graph`` itself is never changed."""
+        return self.rewrite(graph.clone())
+
+    def rewrite(self, graph: ModelGraph) -> PassResult:  # pragma: no cover - interface
+        """Rewrite ``graph`` in place (it is always a clone: :meth:`run`, :class:`PassManager`)."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -74,7 +86,7 @@ _PASS_MODULES = ("tokenfx.passes.fuse_norm", "tokenfx.passes.kv_cache", "tokenfx
 def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass reachable by name from pipeline strings."""
     if cls.contract not in CONTRACTS:
-        raise ValueError(f"pass {cls.name}: contract must be one of {CONTRACTS}")
+        raise PassDefinitionError(f"pass {cls.name}: contract must be one of {CONTRACTS}, got {cls.contract!r}")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -100,10 +112,33 @@ def build_options(cls: type[Pass], values: dict) -> Any:
         raise PassOptionError(f"pass {cls.name!r}: {exc}") from exc
 
 
+def check_choices(cls: type[Pass], options) -> None:
+    """Check every ``Literal[...]`` option of an Options object (the parser's rule, for objects
+    built without it)."""
+    hints = typing.get_type_hints(cls.Options)
+    for field in dataclasses.fields(options):
+        if _choices(hints[field.name]):
+            _coerce(cls.name, field.name, getattr(options, field.name), hints[field.name])
+
+
+def _choices(hint) -> tuple:
+    """The values a ``Literal[...]`` option (or a union holding one) allows; () for other hints."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(v for typ in typing.get_args(hint) for v in _choices(typ))
+    return ()
+
+
 def _coerce(pass_name: str, key: str, value, hint):
     origin = typing.get_origin(hint)
     allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
     for typ in allowed:
+        if typing.get_origin(typ) is typing.Literal:
+            if value in typing.get_args(typ) and type(value) in {type(v) for v in typing.get_args(typ)}:
+                return value
+            continue
         if typ is type(None) and value is None:
             return None
         if typ is bool and isinstance(value, bool):
@@ -116,6 +151,11 @@ def _coerce(pass_name: str, key: str, value, hint):
             return value
         if typing.get_origin(typ) in (list, tuple) and isinstance(value, (list, tuple)):
             return typing.get_origin(typ)(value)
+    choices = _choices(hint) + ((None,) if type(None) in allowed else ())
+    if choices and all(typing.get_origin(t) is typing.Literal or t is type(None) for t in allowed):
+        listed = ", ".join(repr(v) for v in choices)  # a choice option: name the values it allows
+        raise PassOptionError(f"{pass_name}: {key} must be {listed if len(choices) == 1 else 'one of ' + listed}; "
+                              f"got {value!r}")
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise PassOptionError(f"pass {pass_name!r} option {key!r} must be {names}, got {value!r}")
 
@@ -295,10 +335,10 @@ class PassManager:
         reports = []
         current = graph
         for p in self.passes:
-            work = current.clone()
+            work = current.clone()  # the one clone a pipeline step makes: passes rewrite what they are handed
             before = set(work.graph.nodes)
             start = time.perf_counter()
-            result = p.run(work)
+            result = p.rewrite(work)
             new = result.graph
             # values a later pass builds on (a token reduction chain's state) stay, even if unread now
             new.gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get("tokenfx_keep", False))
@@ -345,13 +385,10 @@ def _flat_outputs(out) -> list[torch.Tensor]:
     return [x.detach() for x in leaves if isinstance(x, torch.Tensor)]
 
 
-def optimize(model_or_graph, pipeline, *, example_inputs=None, verify: bool = False) -> ModelGraph:
-    """Run ``pipeline`` on a ModelGraph (or capture ``model`` with ``example_inputs`` first)."""
-    graph = model_or_graph
+def optimize(graph: ModelGraph, pipeline, *, verify: bool = False) -> ModelGraph:
+    """Run ``pipeline`` (a string or Pass objects) on a clone of ``graph``; the rewritten graph.
+    ``tokenfx.optimize`` also takes an ``nn.Module`` and captures it first."""
     if not isinstance(graph, ModelGraph):
-        if example_inputs is None:
-            raise PassOptionError("optimize(model, ...) needs example_inputs= to capture the model first")
-        from tokenfx.frontends.torch_export import capture
-
-        graph = capture(model_or_graph, example_inputs)
+        raise PassOptionError(f"optimize runs on a ModelGraph, got {type(graph).__name__}; capture the model first "
+                              "(tokenfx.capture), or call tokenfx.optimize(model, pipeline, example_inputs=...)")
     return PassManager(pipeline, verify=verify).run(graph).graph

@@ -27,11 +27,15 @@ norm, ``k_proj`` / ``v_proj``, RoPE) of blocks ``[start, stop)`` only, written i
 crosses each stage boundary must be the residual stream itself (the rest is *context*: masks,
 RoPE tables, computed from the inputs alone). A model whose blocks pass anything else along
 is refused with the names of the values that cross.
+
+The pass mutates the graph it is handed (a clone: ``Pass.run`` and the PassManager make it);
+:func:`piece` and :func:`kv_fill` build new graphs and leave theirs alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 import torch.fx
@@ -245,13 +249,11 @@ class EarlyExit(Pass):
     class Options:
         layers: tuple[int, ...] | int = ()  # exit after these many blocks (1 … L); () with every=0: every block
         every: int = 0  # or: after every k blocks
-        head: str = "shared"  # the model's own final norm + LM head
+        head: Literal["shared"] = "shared"  # the model's own final norm + LM head (the runtime trains adapters)
 
-    def run(self, graph: ModelGraph) -> PassResult:
+    def rewrite(self, graph: ModelGraph) -> PassResult:
+        """Add the exit heads to ``graph`` itself (the clone :meth:`Pass.run` or the PassManager hands it)."""
         o = self.options
-        if o.head != "shared":
-            raise PassOptionError(f"early_exit: head must be 'shared' (adapters are trained with "
-                                  f"tokenfx.runtime.speculative.adapter.train_adapter), got {o.head!r}")
         a = _anatomy(graph)
         plan = partition(graph, exit_layers(len(a.hidden) - 1, o.layers or None, o.every))
         g = graph.gm.graph

@@ -18,6 +18,8 @@ It works from the ModelMap's norms, so it fuses every norm the map knows (block 
 the final norm) whose input is a non-broadcasting add; TokenWeave later fuses the same op
 with the all-reduce. Norms over more than the last dim, and adds of mixed dtypes, are
 refused with the reason recorded.
+
+It mutates the graph it is handed (a clone: ``Pass.run`` and the PassManager make it).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.fx.passes.tools_common import legalize_graph
 
 from tokenfx.codegen import add_norm as _add_norm  # noqa: F401  (registers tokenfx::add_norm)
 from tokenfx.ir import aten as A
+from tokenfx.ir.rewrite import inherit_module_path
 from tokenfx.passes.base import Pass, PassResult, register
 
 
@@ -44,7 +47,8 @@ class FuseNorm(Pass):
     class Options:
         final_norm: bool = True  # also fuse the last residual add into the final norm
 
-    def run(self, graph):
+    def rewrite(self, graph):
+        """Fuse in ``graph`` itself (the clone :meth:`Pass.run` or the PassManager hands it)."""
         structure = graph.structure
         g = graph.gm.graph
         matched, refused = [], []
@@ -83,12 +87,14 @@ class FuseNorm(Pass):
             with g.inserting_after(fused):
                 normed = g.call_function(operator.getitem, (fused, 0))
                 summed = g.call_function(operator.getitem, (fused, 1))
-            for meta_src, new in ((norm.output, normed), (add, summed)):
-                new.meta.update({k: v for k, v in meta_src.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+            for origin, new in ((norm.output, normed), (add, summed)):
+                if "val" in origin.meta:  # the same value: later matches in this pass read its shape
+                    new.meta["val"] = origin.meta["val"]
+            inherit_module_path([fused, normed], norm.output)  # the ModelMap places the fused norm where the norm was
+            inherit_module_path([summed], add)
             if reshape is not None:
                 with g.inserting_after(summed):
                     normed = g.call_function(reshape.target, (normed, *reshape.args[1:]), dict(reshape.kwargs))
-            fused.meta["nn_module_stack"] = norm.output.meta.get("nn_module_stack")
             norm.output.replace_all_uses_with(normed)
             add.replace_all_uses_with(summed, delete_user_cb=lambda user: user is not fused)
             matched.append(where)
@@ -97,7 +103,7 @@ class FuseNorm(Pass):
             # residual sum; a stable topological sort puts every node after its inputs again
             legalize_graph(graph.gm)
         graph.gm.graph.eliminate_dead_code()
-        graph.invalidate()  # recompiled, map dropped: usable even when run outside a PassManager
+        graph.invalidate()  # recompiled, map dropped: usable straight from Pass.run
         return PassResult(graph, matched, refused, {"fused": len(matched)})
 
 

@@ -42,12 +42,14 @@ Refused, with the reason: attention cores in the eager matmul-softmax-matmul for
 attention masks that are not plain causal masks (ALiBi, learned biases), and inputs other
 than ``input_ids`` that the computation still needs. Sliding-window models (config
 ``sliding_window``) are limited to sequences within the window, where they are causal.
+
+The pass mutates the graph it is handed (a clone: ``Pass.run`` and the PassManager make it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx
@@ -77,20 +79,16 @@ class KVCache(Pass):
 
     @dataclasses.dataclass
     class Options:
-        mode: str = "decode"  # "decode" (cache in) or "prefill" (no cache)
-        logits: str = "all"  # "all" positions or only the "last"
+        mode: Literal["decode", "prefill"] = "decode"  # cache in, or no cache
+        logits: Literal["all", "last"] = "all"  # every position's logits, or only the last one's
         max_positions: int = 0  # 0: the model's own limit (config / capture range)
-        cache_update: str = "output"  # "output": new K/V are an output (ONNX); "inplace": written into kv_cache
+        cache_update: Literal["output", "inplace"] = "output"  # new K/V an output (ONNX), or written into kv_cache
         padded: bool = True  # prefill only: False = no token_mask, SDPA's is_causal fast path (unpadded batches)
 
-    def run(self, graph: ModelGraph) -> PassResult:
+    def rewrite(self, graph: ModelGraph) -> PassResult:
+        """Rewrite ``graph``'s module in place, then export it again (the clone :meth:`Pass.run` or
+        the PassManager hands it)."""
         o = self.options
-        if o.mode not in ("decode", "prefill"):
-            raise PassOptionError(f"kv_cache: mode must be 'decode' or 'prefill', got {o.mode!r}")
-        if o.logits not in ("all", "last"):
-            raise PassOptionError(f"kv_cache: logits must be 'all' or 'last', got {o.logits!r}")
-        if o.cache_update not in ("output", "inplace"):
-            raise PassOptionError(f"kv_cache: cache_update must be 'output' or 'inplace', got {o.cache_update!r}")
         structure = graph.structure
         attentions = [(b, a) for b in structure.blocks for a in b.attention]
         for block, att in attentions:

@@ -30,19 +30,19 @@ the chain: :mod:`tokenfx.ir.token_reduction`.
 
 ``r`` is an int for every block, a per-block list, or with ``inflect`` a linear ramp with
 the same total (``inflect > 0``: more merging in later blocks).
+
+The pass mutates the graph it is handed (a clone: ``Pass.run`` and the PassManager make it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 from tokenfx.errors import PassOptionError
 from tokenfx.ir import token_reduction as T
 from tokenfx.passes.base import Pass, PassResult, register
-
-METRICS = ("keys", "hidden")
-
 
 @register
 class TokenMerge(Pass):
@@ -52,20 +52,16 @@ class TokenMerge(Pass):
     contract = "approximate"
 
     @dataclasses.dataclass
-    class Options:
+    class Options(T.ReductionOptions):  # + proportional, protect, unmerge
         r: int | list[int] | None = None  # tokens merged per block: int, or one per block (default 8)
         inflect: float = 0.0  # ramp an int r: r·(1 - inflect) first … r·(1 + inflect) last
-        metric: str = "keys"  # "keys" (ToMe) or "hidden"
-        proportional: bool = True  # add log(size) to later attention's keys
-        protect: list[int] = dataclasses.field(default_factory=lambda: [0])  # positions that never merge (CLS)
-        unmerge: bool = False  # copy merged values back so outputs keep the input's N tokens
+        metric: Literal["keys", "hidden"] = "keys"  # the block's keys (ToMe) or the hidden states
         ratio: float | list[float] = 0.0  # instead of r: merge this share of each sample's tokens per block
 
-    def run(self, graph):
+    def rewrite(self, graph):
+        """Insert the merge steps into ``graph`` itself (the clone :meth:`Pass.run` or the
+        PassManager hands it)."""
         o = self.options
-        if o.metric not in METRICS:
-            raise PassOptionError(f"token_merge: metric must be one of {METRICS}, got {o.metric!r}")
-        graph = graph.clone()
         blocks = graph.structure.blocks
         ratios = self._ratios(len(blocks))
         plan = T.schedule(8 if o.r is None else o.r, len(blocks), o.inflect) if ratios is None else ratios

@@ -35,7 +35,10 @@ proportional attention count it as a copy of that token (and ``unmerge`` copies 
 back to it). Blocks that do not prune keep SDPA untouched.
 
 ``r`` is an int for every block or a per-block list; ``keep`` instead keeps that fraction of
-the tokens reaching each block in ``layers`` (a symbolic count under dynamic shapes).
+the tokens reaching each block in ``blocks`` (block indices from 0; a symbolic count under
+dynamic shapes).
+
+The pass mutates the graph it is handed (a clone: ``Pass.run`` and the PassManager make it).
 """
 
 from __future__ import annotations
@@ -70,20 +73,18 @@ class TokenPrune(Pass):
     contract = "approximate"
 
     @dataclasses.dataclass
-    class Options:
+    class Options(T.ReductionOptions):  # + proportional, protect, unmerge
         r: int | list[int] = 0  # tokens pruned per block: int, or one per block
-        keep: float = 0.0  # instead of r: keep this fraction (0.5 … 1) of the tokens in `layers`
-        layers: list[int] | None = None  # blocks that prune with `keep` (default: all but the first)
+        keep: float = 0.0  # instead of r: keep this fraction (0.5 … 1) of the tokens in `blocks`
+        blocks: list[int] | None = None  # indices of the blocks that prune with `keep` (default: all but the first)
         iterations: int | list[int] | None = None  # PageRank steps per block (default: 10 / 3 / 1 by depth)
         cls_weight: bool = False  # start the first token at √N times the others
         head_band: list[float] | None = None  # [low, high] × the median head's score variance
-        proportional: bool = True
-        protect: list[int] = dataclasses.field(default_factory=lambda: [0])
-        unmerge: bool = False
 
-    def run(self, graph):
+    def rewrite(self, graph):
+        """Insert the prune steps into ``graph`` itself (the clone :meth:`Pass.run` or the
+        PassManager hands it)."""
         o = self.options
-        graph = graph.clone()
         blocks = graph.structure.blocks
         L = len(blocks)
         plan = self._plan(L)
@@ -129,13 +130,13 @@ class TokenPrune(Pass):
                 raise PassOptionError("token_prune: give r or keep, not both")
             if not 0.5 <= o.keep <= 1.0:
                 raise PassOptionError(f"token_prune: keep={o.keep} must be in [0.5, 1] (a block prunes at most half)")
-            layers = list(range(1, L)) if o.layers is None else list(o.layers)
-            bad = [i for i in layers if not 0 <= i < L]
+            pruning = list(range(1, L)) if o.blocks is None else list(o.blocks)
+            bad = [i for i in pruning if not 0 <= i < L]
             if bad:
-                raise PassOptionError(f"token_prune: layer {bad[0]} does not exist; the model has blocks 0 … {L - 1}")
-            return ["keep" if i in layers and o.keep < 1.0 else 0 for i in range(L)]
-        if o.layers is not None:
-            raise PassOptionError("token_prune: layers= goes with keep=; with r give one count per block")
+                raise PassOptionError(f"token_prune: block {bad[0]} does not exist; the model has blocks 0 … {L - 1}")
+            return ["keep" if i in pruning and o.keep < 1.0 else 0 for i in range(L)]
+        if o.blocks is not None:
+            raise PassOptionError("token_prune: blocks= goes with keep=; with r give one count per block")
         return T.schedule(o.r, L)
 
     def _iterations(self, L: int) -> list[int]:

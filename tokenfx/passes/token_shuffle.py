@@ -34,6 +34,8 @@ static (an image size fixes it; the batch may be symbolic). Sizes downstream are
 the unshuffle); static literals that helper would refuse as ambiguous but that are provably N
 (an SDPA mask's last two dims, ``B·N`` of a static-batch flatten) are named first. Passes that
 run later see P + M tokens inside the blocks.
+
+The pass mutates the graph it is handed (a clone: ``Pass.run`` and the PassManager make it).
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ class TokenShuffle(Pass):
         grid: list[int] | None = None  # [h, w] of the grid tokens; default: the patch embedding's output size
         seed: int = 0  # adapter initialisation
 
-    def run(self, graph) -> PassResult:
+    def rewrite(self, graph) -> PassResult:
+        """Shuffle ``graph`` itself (the clone :meth:`Pass.run` or the PassManager hands it)."""
         o = self.options
         if not isinstance(o.s, int) or o.s < 2:
             raise PassOptionError(f"token_shuffle: s must be an integer >= 2, got {o.s!r}")
@@ -155,7 +158,7 @@ class TokenShuffle(Pass):
             raise PassOptionError("token_shuffle: an output changed shape after the unshuffle (a size the helper "
                                   "could not re-derive); refusing a wrong graph")
         g.eliminate_dead_code()
-        graph.invalidate()  # recompiled, map dropped: usable outside a PassManager
+        graph.invalidate()  # recompiled, map dropped: usable straight from Pass.run
         stats = {"s": s, "grid": [h, w], "prefix": prefix, "tokens": tokens, "tokens_in_blocks": fewer,
                  "adapter": ADAPTER_NAME, "adapter_parameters": sum(p.numel() for p in adapters.parameters())}
         return PassResult(graph, matched=[where], stats=stats)

@@ -26,6 +26,8 @@ keys under ``cache_mask`` plus the tree's own keys under the ancestor mask. With
 attention reads the buffer; with ``"output"`` (ONNX) the keys are ``cat(cache, new)`` and the
 tree's slots are the last ``T``. The token-mask input is replaced by ``tree_mask`` and the
 graph is exported again (dynamic batch, tree size and cache length).
+
+The pass mutates the graph it is handed (a clone: ``Pass.run`` and the PassManager make it).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ class TreeVerify(Pass):
     class Options:
         pass
 
-    def run(self, graph: ModelGraph) -> PassResult:
+    def rewrite(self, graph: ModelGraph) -> PassResult:
+        """Rewrite ``graph``'s module in place, then export it again (the clone :meth:`Pass.run` or
+        the PassManager hands it)."""
         layout = graph.kv
         if layout is None or layout.mode != "decode":
             raise PassOptionError("tree_verify: needs a decode-step graph; run kv_cache(mode=decode, logits=all) first")

@@ -32,11 +32,12 @@ writes one op's kernel and launcher as a standalone file specialised to the grap
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import triton
 import triton.language as tl
+
+from tokenfx.codegen.emit import emit
+from tokenfx.errors import OpInputError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -93,6 +94,7 @@ def bipartite_match_kernel(
     tl.store(MATCH + b * N + rows, best_idx, mask=row_in)
 
 
+# Copied into the emitted standalone file, which imports no tokenfx: so a plain ValueError.
 def _check_match(metric, role):
     if metric.dim() != 3 or role.dim() != 2 or tuple(role.shape) != tuple(metric.shape[:2]):
         raise ValueError(f"bipartite_match: expected metric [B, N, C], role [B, N]; got {tuple(metric.shape)}, "
@@ -161,6 +163,7 @@ def merge_tokens_kernel(
         tl.store(OUT_SIZE + out, den.to(OUT_SIZE.dtype.element_ty))
 
 
+# Copied into the emitted standalone file, which imports no tokenfx: so a plain ValueError.
 def _check_merge(x, size, assign, r):
     if x.dim() != 3 or tuple(size.shape) != tuple(x.shape[:2]) or tuple(assign.shape) != tuple(x.shape[:2]):
         raise ValueError(f"merge_tokens: expected x [B, N, C], size [B, N], assign [B, N]; got {tuple(x.shape)}, "
@@ -249,6 +252,7 @@ def attention_pagerank_kernel(
     tl.store(OUT + (b * H + h) * N + cols, s, mask=col_in)
 
 
+# Copied into the emitted standalone file, which imports no tokenfx: so a plain ValueError.
 def _check_pagerank(probs, real, iterations):
     if probs.dim() != 4 or probs.shape[2] != probs.shape[3] or tuple(real.shape) != (probs.shape[0], probs.shape[2]):
         raise ValueError(f"attention_pagerank: expected probs [B, H, N, N], real [B, N]; got {tuple(probs.shape)}, "
@@ -325,52 +329,52 @@ def launch(probs, real):
 def _check_dtype(op: str, dtype: str) -> str:
     dtype = dtype.removeprefix("torch.")
     if dtype not in _DTYPES:
-        raise ValueError(f"{op}: dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+        raise OpInputError(f"{op}: dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
     return dtype
 
 
 def _check_channels(op: str, channels: int) -> None:
     if channels < 1:
-        raise ValueError(f"{op}: channels must be positive, got {channels}")
+        raise OpInputError(f"{op}: channels must be positive, got {channels}")
 
 
-def _emit_match(*, dtype: str, channels: int) -> tuple[str, str, tuple, str]:
+def _emit_match(*, dtype: str, channels: int) -> tuple[tuple[str, tuple[str, ...]], str, tuple, str]:
     dtype = _check_dtype("bipartite_match", dtype)
     _check_channels("bipartite_match", channels)
-    comment = (f"channels={channels}, dtype={dtype}.\n"
-               f"# score, match = launch(metric, role): for each A token (role 1) the largest cosine to a B token\n"
-               f"#   (role 2) and its index (first on ties); -inf and its own index for every other token.\n")
+    comment = (f"channels={channels}, dtype={dtype}",
+               ("score, match = launch(metric, role): for each A token (role 1) the largest cosine to a B token",
+                "  (role 2) and its index (first on ties); -inf and its own index for every other token."))
     constants = (f"CHANNELS = {channels}\n"
                  f"DTYPE = torch.{dtype}\n")
-    functions = (bipartite_match_kernel.fn, _check_match, _match_blocks, _match_launch)
+    functions = (bipartite_match_kernel, _check_match, _match_blocks, _match_launch)
     return comment, constants, functions, _MATCH_LAUNCH.format(C=channels, dtype=dtype)
 
 
-def _emit_merge(*, dtype: str, channels: int) -> tuple[str, str, tuple, str]:
+def _emit_merge(*, dtype: str, channels: int) -> tuple[tuple[str, tuple[str, ...]], str, tuple, str]:
     dtype = _check_dtype("merge_tokens", dtype)
     _check_channels("merge_tokens", channels)
     block_c = _merge_block_c(channels)
-    comment = (f"channels={channels}, dtype={dtype}.\n"
-               f"# x', size' = launch(x, size, assign, r): x'[j] = sum_(i -> j) size_i x_i / sum_(i -> j) size_i,\n"
-               f"#   size'[j] = sum_(i -> j) size_i, in fp32, summed in ascending i; assign = N - r discards.\n")
+    comment = (f"channels={channels}, dtype={dtype}",
+               ("x', size' = launch(x, size, assign, r): x'[j] = sum_(i -> j) size_i x_i / sum_(i -> j) size_i,",
+                "  size'[j] = sum_(i -> j) size_i, in fp32, summed in ascending i; assign = N - r discards."))
     constants = (f"CHANNELS = {channels}\n"
                  f"BLOCK_C = {block_c}  # channels per program\n"
                  f"DTYPE = torch.{dtype}\n")
-    functions = (merge_tokens_kernel.fn, _check_merge, _merge_groups, _merge_launch)
+    functions = (merge_tokens_kernel, _check_merge, _merge_groups, _merge_launch)
     return comment, constants, functions, _MERGE_LAUNCH.format(C=channels, dtype=dtype)
 
 
-def _emit_pagerank(*, dtype: str, iterations: int, cls_weight: bool) -> tuple[str, str, tuple, str]:
+def _emit_pagerank(*, dtype: str, iterations: int, cls_weight: bool) -> tuple[tuple[str, tuple[str, ...]], str, tuple, str]:
     dtype = _check_dtype("attention_pagerank", dtype)
     if iterations < 0:
-        raise ValueError(f"attention_pagerank: iterations must be >= 0, got {iterations}")
-    comment = (f"iterations={iterations}, cls_weight={bool(cls_weight)}, dtype={dtype}.\n"
-               f"# s = launch(probs, real): per head, s <- A^T s from a uniform start over the n real tokens\n"
-               f"#   (the first token's start x sqrt(n) with cls_weight); pads hold 0.\n")
+        raise OpInputError(f"attention_pagerank: iterations must be >= 0, got {iterations}")
+    comment = (f"iterations={iterations}, cls_weight={bool(cls_weight)}, dtype={dtype}",
+               ("s = launch(probs, real): per head, s <- A^T s from a uniform start over the n real tokens",
+                "  (the first token's start x sqrt(n) with cls_weight); pads hold 0."))
     constants = (f"ITERATIONS = {int(iterations)}\n"
                  f"CLS_WEIGHT = {bool(cls_weight)}\n"
                  f"DTYPE = torch.{dtype}\n")
-    functions = (attention_pagerank_kernel.fn, _check_pagerank, _pagerank_blocks, _pagerank_launch)
+    functions = (attention_pagerank_kernel, _check_pagerank, _pagerank_blocks, _pagerank_launch)
     return comment, constants, functions, _PAGERANK_LAUNCH.format(dtype=dtype, iterations=int(iterations),
                                                                   cls_weight=bool(cls_weight))
 
@@ -388,15 +392,6 @@ def emit_source(op: str, **specialisation) -> str:
     ``dtype`` is a torch dtype name: ``"float32"``, ``"float16"`` or ``"bfloat16"``. Token
     counts are not specialised: block sizes follow N at launch."""
     if op not in _EMITTERS:
-        raise ValueError(f"token_reduce: op must be one of {tuple(_EMITTERS)}, got {op!r}")
-    comment, constants, functions, launch = _EMITTERS[op](**specialisation)
-    header = (f"# tokenfx::{op} Triton kernel, generated by tokenfx.codegen.triton.token_reduce.\n"
-              f"# Specialised to: {comment}")
-    return (
-        header
-        + "\nimport torch\nimport triton\nimport triton.language as tl\n\n"
-        + constants
-        + "\n\n"
-        + "\n\n".join(inspect.getsource(fn) for fn in functions)
-        + launch
-    )
+        raise OpInputError(f"token_reduce: op must be one of {tuple(_EMITTERS)}, got {op!r}")
+    (specialised_to, notes), constants, functions, launch = _EMITTERS[op](**specialisation)
+    return emit(op, __name__, specialised_to, notes, constants, functions, launch)
