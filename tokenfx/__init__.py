@@ -20,15 +20,30 @@ __all__ = ["capture", "optimize", "export_onnx", "load", "load_tokenizer", "gene
            "__version__"]
 
 
+def optimize(model_or_graph, pipeline, *, example_inputs=None, verify: bool = False):
+    """Run ``pipeline`` on a ModelGraph, or on an ``nn.Module`` captured first with
+    ``example_inputs``; returns the rewritten ModelGraph (the input is never changed). The
+    capture lives here, at the entry, so ``passes`` never imports ``frontends``."""
+    from tokenfx.ir.graph import ModelGraph
+    from tokenfx.passes.base import optimize as run_pipeline
+
+    graph = model_or_graph
+    if not isinstance(graph, ModelGraph):
+        if example_inputs is None:
+            from tokenfx.errors import PassOptionError
+
+            raise PassOptionError("optimize(model, ...) needs example_inputs= to capture the model first")
+        from tokenfx.frontends.torch_export import capture
+
+        graph = capture(model_or_graph, example_inputs)
+    return run_pipeline(graph, pipeline, verify=verify)
+
+
 def __getattr__(name):  # keep ``import tokenfx`` fast: torch-heavy modules load on first use
     if name == "capture":
         from tokenfx.frontends.torch_export import capture
 
         return capture
-    if name == "optimize":
-        from tokenfx.passes.base import optimize
-
-        return optimize
     if name == "export_onnx":
         from tokenfx.frontends.onnx import export_onnx
 
@@ -37,7 +52,11 @@ def __getattr__(name):  # keep ``import tokenfx`` fast: torch-heavy modules load
         from tokenfx.frontends.load import load
 
         return load
-    if name in ("generate", "Generator", "load_tokenizer"):
+    if name == "load_tokenizer":
+        from tokenfx.frontends.load import load_tokenizer
+
+        return load_tokenizer
+    if name in ("generate", "Generator"):
         from tokenfx.runtime import generate as _generate
 
         return getattr(_generate, name)

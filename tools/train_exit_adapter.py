@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenfx.cache import cache_dir  # noqa: E402
-from tokenfx.runtime.generate import Generator, load_tokenizer  # noqa: E402
+from tokenfx.frontends.load import load_tokenizer  # noqa: E402
+from tokenfx.runtime.generate import Generator  # noqa: E402
 from tokenfx.runtime.speculative import adapter as A  # noqa: E402
 
 TOPICS = ("photosynthesis", "a hash table", "the French Revolution", "compound interest", "black holes",

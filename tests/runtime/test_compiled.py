@@ -22,7 +22,7 @@ gen = tokenfx.Generator(model)  # the default: compile='auto'
 ids = torch.randint(0, models.VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
 mask = torch.ones_like(ids); mask[1, :3] = 0
 out = gen.generate(ids, attention_mask=mask, max_new_tokens=6, stop=[])
-print(json.dumps({{"built": [str(k) for k in gen._graphs], "tokens": out.tolist()}}))
+print(json.dumps({{"built": [str(k) for k in gen.built_graphs], "tokens": out.tolist()}}))
 """
 
 

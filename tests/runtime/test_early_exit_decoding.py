@@ -10,7 +10,8 @@ import torch
 from models import llama
 from tokenfx.errors import GenerationError
 from tokenfx.runtime.early_exit import ConfidenceExit, SkipDecode, confidence
-from tokenfx.runtime.generate import Generator, generator_for, load_tokenizer
+from tokenfx.frontends.load import load_tokenizer
+from tokenfx.runtime.generate import Generator, generator_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -68,7 +69,7 @@ def test_state_propagation_fills_the_skipped_layers(small_llama):
     prompt = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
     out = gen.generate(prompt, max_new_tokens=2, early_exit=ConfidenceExit(0.0, layers=(exit_after,)))
     assert gen.last_stats["exit_histogram"] == {str(exit_after): 1}
-    cache = gen._buffers[(1, prompt.device)][0]
+    cache = gen.last_request.cache
     seq = out[:, :8]  # the prompt + the token fed to the early-exit step (slot 7)
     slot = 7
     with torch.no_grad():
@@ -107,9 +108,9 @@ def test_skip_decode_reads_only_written_kv(tiny_code):
     gen, tokenizer = tiny_code
     ids, mask = _ids(tokenizer, PROMPTS[:2])
     total = 24
-    gen._buffers = {}  # a fresh (zero) cache buffer: earlier requests leave K/V in unused slots
+    gen.release_buffers()  # a fresh (zero) cache buffer: earlier requests leave K/V in unused slots
     gen.generate(ids, attention_mask=mask, max_new_tokens=total, early_exit=SkipDecode(min_layers=2, warmup=1))
-    cache = gen._buffers[(2, ids.device)][0]
+    cache = gen.last_request.cache
     row = int(mask.sum(1).argmax())  # the row without padding: every slot is one of its tokens
     prompt = ids.shape[1]
     plan = SkipDecode(min_layers=2, warmup=1).schedule(total, 6)

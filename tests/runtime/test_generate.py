@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import tokenfx
 from models import bert, gpt2, held_out_code_prompts, left_pad, llama
 from tokenfx import assets
-from tokenfx.errors import GenerationError, ModelLoadError
+from tokenfx.errors import CacheError, GenerationError, ModelLoadError
 from tokenfx.runtime.generate import Generator, generator_for
 from tokenfx.runtime.kv import PrefixCache
 
@@ -456,8 +456,10 @@ def test_prefix_cache_copies_on_insert():
     cache.insert([5, 6, 7], kv)
     kv.zero_()
     assert torch.equal(cache.match([5, 6, 7])[1], kv_for([5, 6, 7]))
-    with pytest.raises(ValueError):
+    with pytest.raises(CacheError, match="2 tokens but K/V for 3"):
         cache.insert([1, 2], kv_for([1, 2, 3]))
+    with pytest.raises(CacheError, match="must be >= 0 bytes"):
+        PrefixCache(-1)
 
 
 def test_prefix_cache_lru_evicts_least_recently_used_leaf():

@@ -44,7 +44,8 @@ def test_blockwise_generation_is_token_identical_to_hf(gen):
         pieces = regional.partition(graph)
         runners[label] = regional.Blockwise(graph, pieces, {p.key: p.gm for p in pieces})
     plain = Generator(model, compile=False)
-    plain._prefill, plain._prefill_dense, plain._decode = runners["prefill"], runners["prefill_dense"], runners["decode"]
+    for label, run in runners.items():
+        plain.install(label, run)
     ids = torch.randint(0, models.VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0

@@ -19,7 +19,7 @@ def smollm2():
     from transformers import AutoModelForCausalLM
 
     import tokenfx
-    from tokenfx.runtime.generate import load_tokenizer
+    from tokenfx.frontends.load import load_tokenizer
 
     directory = tokenfx.assets.path("smollm2")
     hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()

@@ -9,6 +9,10 @@ Accepted specs:
 - ``package.module:factory`` — ``factory()`` returns an ``nn.Module`` (Hugging Face) or a
   ``(module, example_inputs)`` pair.
 
+It is also the one place a spec is parsed for generation: :func:`load_decoder` (the decoder
+a ``Generator`` runs, as a module when there is one), :func:`decoder_graph` (its capture),
+:func:`model_dir`, :func:`load_tokenizer` and :func:`tokenizer_vocab` (the files stored with it).
+
 Hugging Face models are captured with synthetic example inputs (batch 2, 64 tokens, or
 images at the config's size); the graph stays dynamic in batch and tokens.
 """
@@ -180,3 +184,65 @@ def load_factory(spec: str):
     if isinstance(result, (torch.nn.Module, ModelGraph)):
         return result, None
     raise ModelLoadError(f"{spec} returned {type(result).__name__}; expected an nn.Module or (module, example_inputs)")
+
+
+# -- decoders and their tokenizers (generation) -----------------------------------------------------------
+def model_dir(spec: str) -> Path | None:
+    """The Hugging Face directory behind ``tokenfx:<name>``, an HF directory or a ``.gguf`` file
+    (converted once into the tokenfx cache); None for other specs (``.pt2``, factories)."""
+    if spec.startswith("tokenfx:"):
+        from tokenfx import assets
+
+        return Path(assets.path(spec.split(":", 1)[1]))  # unknown names: ModelLoadError listing the bundled ones
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        from tokenfx.frontends.gguf import hf_directory
+
+        return hf_directory(path)
+    return path if path.is_dir() else None
+
+
+def load_decoder(spec) -> torch.nn.Module | ModelGraph:
+    """The decoder ``spec`` names, as generation runs it: the Hugging Face module (float32, so
+    the graphs are built from the model itself, not from a capture at fixed example inputs) when
+    the spec is a directory, a bundled name or a ``.gguf`` file; else the graph :func:`load`
+    returns (``.pt2``, ``package.module:factory``)."""
+    directory = model_dir(str(spec))
+    if directory is not None:
+        return load_hf_model(directory, dtype=torch.float32)
+    return load(str(spec))
+
+
+def decoder_graph(model: torch.nn.Module | ModelGraph) -> ModelGraph:
+    """A full-sequence ModelGraph of an already loaded decoder (:func:`load_decoder`), captured
+    with token ids only (batch 2, 8 tokens; dynamic in both). A ModelGraph is returned as it is."""
+    from tokenfx.frontends.torch_export import capture
+
+    if isinstance(model, ModelGraph):
+        return model
+    config = getattr(model, "config", None)
+    vocab = int(getattr(config, "vocab_size", 2) or 2)
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    return capture(model, (ids.to(device),))
+
+
+def tokenizer_vocab(spec: str | None) -> dict | None:
+    """The token → id map of the ``tokenizer.json`` stored with ``spec`` (None when there is none)."""
+    directory = model_dir(str(spec)) if spec is not None else None
+    if directory is None or not (directory / "tokenizer.json").exists():
+        return None
+    vocab = json.loads((directory / "tokenizer.json").read_text()).get("model", {}).get("vocab")
+    return vocab if isinstance(vocab, dict) else None
+
+
+def load_tokenizer(spec: str):
+    """The Hugging Face tokenizer stored with ``spec`` (left padding, for batched prompts)."""
+    directory = model_dir(str(spec))
+    if directory is None or not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise ModelLoadError(f"{spec} has no tokenizer; give an HF directory with tokenizer files or tokenfx:<name>")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    tokenizer.padding_side = "left"
+    return tokenizer

@@ -109,11 +109,6 @@ class Stages:
     def __init__(self, gen):
         self.gen = gen
         self._runs: dict = {}
-        self._warm_key = None
-        if gen.compile and isinstance(gen._source, torch.nn.Module):
-            from tokenfx.runtime import executor
-
-            self._warm_key = executor.module_key(gen._source, f"generator-stages:{gen._max_positions}")
 
     @property
     def num_blocks(self) -> int:
@@ -145,20 +140,10 @@ class Stages:
 
     def _get(self, label: str, build):
         run = self._runs.get(label)
-        if run is not None:
-            return run
-        from tokenfx.runtime import executor
-
-        if self._warm_key is not None:
-            warm = executor.load_compiled_set(self._warm_key, (label,), module=self.gen._source)
-            if warm is not None:
-                self._runs[label] = warm[0][0]
-                return self._runs[label]
-        graph = build(self.gen.tree_graph)
-        run = self.gen.compiled(graph, f"ee-{label}")
-        if self._warm_key is not None and self.gen.compile:
-            executor.remember_compiled(self._warm_key, label, run, module=self.gen._source)
-        self._runs[label] = run
+        if run is None:
+            gen = self.gen
+            runners, _ = gen.cached_runners((label,), lambda: ({label: gen.compiled(build(gen.tree_graph), f"ee-{label}")}, {}))
+            run = self._runs[label] = runners[label]
         return run
 
 
@@ -276,8 +261,10 @@ def teacher_forced_nll(gen, ids: torch.Tensor, early_exit=None, prefix: int = 1)
         raise GenerationError(f"teacher_forced_nll: prefix must be in 1 … {total - 1}, got {prefix}")
     step = make_step(gen, early_exit, total - prefix) if early_exit is not None else None
     mask = torch.ones(batch, prefix, dtype=torch.long, device=ids.device)
-    cache, cache_mask, _, slots, positions, logits, _ = gen._start(ids[:, :prefix].contiguous(), mask, total)
-    position = positions[:, -1:] + 1
+    request = gen.start(ids[:, :prefix].contiguous(), mask, total)
+    cache, cache_mask, slots, logits = request.cache, request.cache_mask, request.slots, request.logits
+    position = request.positions[:, -1:] + 1
+    decode = gen.runner("decode")
     ones = torch.ones(batch, 1, dtype=torch.long, device=ids.device)
     nll = torch.zeros((), dtype=torch.float64)
     for t in range(prefix, total):
@@ -286,7 +273,7 @@ def teacher_forced_nll(gen, ids: torch.Tensor, early_exit=None, prefix: int = 1)
             break
         token = ids[:, t]
         if step is None:
-            logits, _ = gen._decode(token[:, None].contiguous(), position, cache, cache_mask, ones, slots[t:t + 1])
+            logits, _ = decode(token[:, None].contiguous(), position, cache, cache_mask, ones, slots[t:t + 1])
         else:
             logits = step(token, position, cache, cache_mask, slots[t:t + 1], t - prefix)
         cache_mask[:, t] = 1

@@ -210,7 +210,7 @@ class _status:
             self._ctx.__exit__(*exc)
 
 
-# -- whole sets of graphs for one model (a Generator's prefill + decode) ----------------------------------
+# -- the graphs of one model, remembered as a set (a Generator's prefill + decode, tree, early-exit pieces) --
 def module_key(module: torch.nn.Module, label: str) -> str:
     """Content hash of a model and of the tokenfx / torch code that would turn it into graphs."""
     config = getattr(module, "config", None)
@@ -227,31 +227,33 @@ def _package_digest() -> str:
     return h.hexdigest()
 
 
-def remember_compiled_set(key: str, runners: dict, meta: dict, module: torch.nn.Module | None = None) -> None:
-    """Record what a model's graphs compiled to (``runners`` from :func:`compiled`), so the next
-    process can skip capturing and rewriting them; block-wise runners name their weights by
-    their path in ``module`` (tables a pass computed are saved beside the index)."""
-    _write_set(key, {"graphs": {label: _entry(key, label, run, module) for label, run in runners.items()}, "meta": meta})
+def load_or_build(key: str | None, labels: tuple[str, ...], build, module: torch.nn.Module | None = None):
+    """The one compile-cache lookup for a model's graphs: ``({label: runner}, meta)``.
+
+    When ``key`` (a :func:`module_key`) names a set that an earlier process remembered with
+    every one of ``labels``, the runners are loaded from their packages (no capture, no pass).
+    Otherwise ``build()`` returns the pair, and its runners are added to the set under ``key``
+    (``meta`` merged into the set's) when every one is compiled (an fx graph, run when a
+    compile failed or was not asked for, is not remembered). ``key`` None: build, remember
+    nothing. Block-wise runners name their weights by their path in ``module`` (tables a pass
+    computed are saved beside the index)."""
+    if key is not None:
+        warm = _load_set(key, labels, module)
+        if warm is not None:
+            return warm
+    runners, meta = build()
+    if key is not None and all(_is_compiled(run) for run in runners.values()):
+        _remember(key, runners, meta, module)
+    return runners, meta
 
 
-def remember_compiled(key: str, label: str, run, module: torch.nn.Module | None = None) -> None:
-    """Add one graph to a model's set (graphs built on demand, such as the tree graph or early-exit pieces)."""
-    import json
+def _is_compiled(run) -> bool:
+    from tokenfx.runtime.regional import Blockwise
 
-    index = cache_dir() / "sets" / f"{key}.json"
-    entry = {"graphs": {}, "meta": {}}
-    if index.exists():
-        try:
-            entry = json.loads(index.read_text())
-            entry.setdefault("graphs", {})
-        except json.JSONDecodeError:
-            pass
-    entry["graphs"][label] = _entry(key, label, run, module)
-    _write_set(key, entry)
+    return isinstance(run, Blockwise) or hasattr(run, "package")
 
 
-def load_compiled_set(key: str, labels: tuple[str, ...], module: torch.nn.Module | None = None):
-    """``((callable, …), meta)`` for a model remembered by :func:`remember_compiled_set`, else None."""
+def _read_set(key: str) -> dict | None:
     import json
 
     index = cache_dir() / "sets" / f"{key}.json"
@@ -259,11 +261,27 @@ def load_compiled_set(key: str, labels: tuple[str, ...], module: torch.nn.Module
         return None
     try:
         entry = json.loads(index.read_text())
-        graphs = [entry["graphs"][label] for label in labels]
-        runners = tuple(_open(graph, module) for graph in graphs)
-    except (json.JSONDecodeError, KeyError, FileNotFoundError, OSError):
+    except json.JSONDecodeError:
+        return None  # a damaged record: build again
+    return entry if isinstance(entry, dict) else None
+
+
+def _remember(key: str, runners: dict, meta: dict, module) -> None:
+    entry = _read_set(key) or {}
+    graphs, known = entry.get("graphs") or {}, entry.get("meta") or {}
+    graphs.update({label: _entry(key, label, run, module) for label, run in runners.items()})
+    _write_set(key, {"graphs": graphs, "meta": {**known, **meta}})
+
+
+def _load_set(key: str, labels: tuple[str, ...], module):
+    entry = _read_set(key)
+    if entry is None:
+        return None
+    try:
+        runners = {label: _open(entry["graphs"][label], module) for label in labels}
+    except (KeyError, TypeError, FileNotFoundError, OSError):
         return None  # an old or partial record: build again
-    return runners, entry["meta"]
+    return runners, entry.get("meta") or {}
 
 
 def _entry(key: str, label: str, run, module) -> dict:

@@ -16,24 +16,49 @@ Semantics follow Hugging Face ``generate``: left-padded batches, positions count
 tokens, finished rows continue with the pad token, generation ends when every row has hit
 a stop token or ``max_new_tokens`` is reached; sampling applies temperature, then top-k,
 then top-p. Greedy output is token-identical to HF (tests).
+
+What other decoding loops (speculative decoding, self-speculation, early exit) use of a
+Generator, and nothing else: :meth:`Generator.start` (a :class:`Request`: buffers with the
+prompt prefilled), :meth:`Generator.runner` (the callable of one graph kind: ``prefill``,
+``prefill_dense``, ``decode``, ``tree``), :attr:`Generator.layout` (the cache's shape and
+its ``max_positions``), :attr:`Generator.model`, :attr:`Generator.stages`,
+:meth:`Generator.cached_runners` (the compile cache), :meth:`Generator.sibling` (a draft
+model's Generator), ``vocab_size`` / ``config`` / ``spec`` / ``prefix_cache`` / ``last_stats``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Callable
 
 import torch
 
-from tokenfx.errors import GenerationError, MappingError, ModelLoadError
+from tokenfx.errors import GenerationError, MappingError
+from tokenfx.frontends.load import decoder_graph, load_decoder
 from tokenfx.ir.graph import ModelGraph
 from tokenfx.ir.kv_layout import KVLayout
 from tokenfx.runtime.kv import PrefixCache
+from tokenfx.runtime.speculative.verify import sample_token
 from tokenfx.runtime.timing import RoundClock
 
 
 _BUCKET = 64  # cache length granularity: attention reads the whole buffer, so keep it tight
+
+
+@dataclasses.dataclass
+class Request:
+    """One request's buffers after its prompt's prefill (:meth:`Generator.start`); ``S`` slots,
+    committed column ``j`` of a row at slot ``j`` (left-padded prompt first)."""
+
+    cache: torch.Tensor  # [L, 2, B, Hkv, S, D]: the prompt's K/V in slots [0, P)
+    cache_mask: torch.Tensor  # [B, S] long: 1 where a slot holds a real token's K/V
+    out: torch.Tensor  # [B, S] tokens by column: the prompt in [0, P), the rest unwritten
+    slots: torch.Tensor  # [S] arange: slot indices to slice for a graph call
+    positions: torch.Tensor  # [B, P] the prompt's positions (counted over real tokens)
+    logits: torch.Tensor  # [B, N, V] logits of the prompt's last position(s): the first token's scores are [:, -1]
+    reused: int  # prompt columns whose K/V came from the prefix cache
 
 
 class Generator:
@@ -53,37 +78,32 @@ class Generator:
         self.compile, self._compile_strict = _compile_mode(compile)
         self._max_positions = max_positions
         self.spec = str(model) if isinstance(model, str) or hasattr(model, "__fspath__") else None
-        self._source = _resolve(model)  # an nn.Module or a ModelGraph
+        if self.spec is not None:
+            model = load_decoder(self.spec)  # resolved once: the graphs are built from this object
+        if not isinstance(model, (torch.nn.Module, ModelGraph)):
+            raise GenerationError(f"cannot generate with a {type(model).__name__}: pass a causal LM, a ModelGraph or "
+                                  "a model spec")  # whether it is a causal LM is the ModelMap's call (kv_cache)
+        self._source = model
         self._graphs: dict = {}
         self.config = getattr(self._source, "config", None)
         # the graphs a Generator runs: prompt with padding, prompt without (SDPA is_causal), one step
         specs = {"prefill": ("prefill", "output", True), "prefill_dense": ("prefill", "output", False),
                  "decode": ("decode", "inplace", True)}
-        warm = None
-        module = self._source if isinstance(self._source, torch.nn.Module) else None
-        if self.compile and module is not None:
-            from tokenfx.runtime import executor
 
-            # a model compiled before (same weights, config, tokenfx and torch): skip capture and passes
-            self._warm_key = executor.module_key(module, f"generator:{max_positions}")
-            warm = executor.load_compiled_set(self._warm_key, tuple(specs), module=module)
-        if warm is not None:
-            (self._prefill, self._prefill_dense, self._decode), meta = warm
-            self.layout = KVLayout.from_json(meta["layout"])
-        else:
+        def build():
             graphs = {label: self.graph(*spec) for label, spec in specs.items()}
-            self.layout = graphs["decode"].kv
-            run = {label: self.compiled(g, label) for label, g in graphs.items()}
-            if self.compile and module is not None:
-                from tokenfx.runtime import executor
+            return ({label: self.compiled(g, label) for label, g in graphs.items()},
+                    {"layout": graphs["decode"].kv.to_json()})
 
-                executor.remember_compiled_set(self._warm_key, run, {"layout": self.layout.to_json()}, module=module)
-            self._prefill, self._prefill_dense, self._decode = run["prefill"], run["prefill_dense"], run["decode"]
+        # a model compiled before (same weights, config, tokenfx and torch): no capture, no passes
+        runners, meta = self.cached_runners(tuple(specs), build)
+        self.layout = KVLayout.from_json(meta["layout"])
+        self._runners = dict(runners)
         self.vocab_size = int(getattr(self.config, "vocab_size", 0) or 0)
         self.eos_ids, self.pad_id = _special_tokens(self.config)
-        self._runners = {"prefill": self._prefill, "prefill_dense": self._prefill_dense, "decode": self._decode}
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         self._buffers: dict = {}
+        self.last_request: Request | None = None
         self.last_stats: dict = {}
 
     def compiled(self, graph: ModelGraph, label: str):
@@ -112,6 +132,42 @@ class Generator:
     def model(self) -> torch.nn.Module | None:
         """The model object it decodes (None when it was given a captured graph)."""
         return self._source if isinstance(self._source, torch.nn.Module) else None
+
+    @property
+    def model_key(self) -> str | None:
+        """Content hash of the model (weights, config, the position cap) and of the tokenfx and
+        torch code that turns it into graphs: the name of its compiled graphs and of drafter
+        tables kept in the tokenfx cache (None for a captured graph). Computed once."""
+        if "_model_key" not in self.__dict__:
+            from tokenfx.runtime import executor
+
+            module = self.model
+            self._model_key = executor.module_key(module, f"generator:{self._max_positions}") if module is not None else None
+        return self._model_key
+
+    def cached_runners(self, labels: tuple[str, ...], build: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict]:
+        """``({label: runner}, meta)`` for graphs of this model: loaded from the compile cache when
+        this Generator compiles and an earlier process remembered all of ``labels``, else
+        ``build()`` (the same pair), remembered when it compiled
+        (:func:`tokenfx.runtime.executor.load_or_build`)."""
+        from tokenfx.runtime import executor
+
+        key = self.model_key if self.compile else None
+        return executor.load_or_build(key, tuple(labels), build, module=self.model)
+
+    def sibling(self, model, *, compile: bool | str | None = None) -> "Generator":
+        """The cached Generator (:func:`generator_for`) of another model — a draft model — compiled
+        as this one is (``"auto"`` stays ``"auto"``; ``compile`` overrides) and covering this
+        one's positions."""
+        if compile is None:
+            compile = self.compile if self._compile_strict or not self.compile else "auto"
+        return generator_for(model, compile=compile, max_positions=self.layout.max_positions)
+
+    @property
+    def built_graphs(self) -> list:
+        """The keys of the graphs this Generator captured or rewrote in this process (empty when
+        every graph it ran came from the compile cache)."""
+        return list(self._graphs)
 
     # -- graphs (built on first use; a warm compiled Generator never needs them to decode) ---------
     @property
@@ -162,28 +218,30 @@ class Generator:
 
     def runner(self, label: str):
         """The callable for one of this Generator's graphs: ``prefill``, ``prefill_dense``, ``decode``
-        or ``tree`` (built, and compiled when ``compile=True``, on first use)."""
-        if label not in self._runners:
+        or ``tree`` (built, and compiled when the Generator compiles, on first use). Called as the
+        graph: ``decode(ids [B, N], positions [B, N], cache, cache_mask [B, S], new_mask [B, N],
+        slots [N])`` returns the logits first and writes the new K/V into ``cache`` at ``slots``;
+        ``tree`` takes a ``tree_mask [B, N, N]`` instead of ``new_mask``; ``prefill(ids,
+        positions, mask)`` / ``prefill_dense(ids, positions)`` return ``(logits, kv)``."""
+        run = self._runners.get(label)
+        if run is None:
             if label != "tree":
                 raise GenerationError(f"no graph {label!r}; choose prefill, prefill_dense, decode or tree")
-            warm_key = None
-            module = self._source if isinstance(self._source, torch.nn.Module) else None
-            if self.compile and module is not None:
-                from tokenfx.runtime import executor
+            runners, _ = self.cached_runners(("tree",), lambda: ({"tree": self.compiled(self.tree_graph, "tree")}, {}))
+            run = self._runners["tree"] = runners["tree"]
+        return run
 
-                warm_key = executor.module_key(module, f"generator-tree:{self._max_positions}")
-                warm = executor.load_compiled_set(warm_key, ("tree",), module=module)
-                if warm is not None:
-                    self._runners["tree"] = warm[0][0]
-                    return self._runners["tree"]
-            graph = self.tree_graph
-            run = self.compiled(graph, "tree")
-            if warm_key is not None and self.compile:
-                from tokenfx.runtime import executor
+    def install(self, label: str, run) -> None:
+        """Run ``label``'s graph (``prefill``, ``prefill_dense``, ``decode`` or ``tree``) with
+        ``run`` from now on: a callable with the graph's signature (a block-wise runner, a test's
+        instrumented one)."""
+        if label not in ("prefill", "prefill_dense", "decode", "tree"):
+            raise GenerationError(f"no graph {label!r}; choose prefill, prefill_dense, decode or tree")
+        self._runners[label] = run
 
-                executor.remember_compiled_set(warm_key, {"tree": run}, {}, module=module)
-            self._runners["tree"] = run
-        return self._runners[label]
+    def release_buffers(self) -> None:
+        """Drop the request buffers kept for reuse: the next request allocates fresh (zeroed) ones."""
+        self._buffers = {}
 
     # -- public -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -233,18 +291,20 @@ class Generator:
 
         start = time.perf_counter()
         clock = RoundClock()
-        cache, cache_mask, out, slots, positions, logits, reused = self._start(ids, mask, prompt + max_new_tokens)
+        request = self.start(ids, mask, prompt + max_new_tokens)
+        cache, cache_mask, out, slots, logits = request.cache, request.cache_mask, request.out, request.slots, request.logits
         clock.lap("prefill")
         first_token_s = time.perf_counter() - start
 
-        position = positions[:, -1:] + 1
+        position = request.positions[:, -1:] + 1
+        decode = self._runners["decode"]
         unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
         stop_tensor = torch.tensor(stop_ids, device=ids.device) if stop_ids else None
         ones = torch.ones(batch, 1, dtype=torch.long, device=ids.device)
         steps = 0
         for steps in range(1, max_new_tokens + 1):
             scores = logits[:, -1, :]
-            token = _sample(scores, temperature, top_k, top_p, generator) if sample else scores.argmax(-1)
+            token = sample_token(scores, temperature, top_k, top_p, generator) if sample else scores.argmax(-1)
             clock.lap("verdict")
             token = torch.where(unfinished, token, pad)
             slot = prompt + steps - 1  # the token's column in ``out`` and its slot in the cache
@@ -259,7 +319,7 @@ class Generator:
                 break
             clock.lap("bookkeeping")
             if step is None:
-                logits, _ = self._decode(token[:, None], position, cache, cache_mask, ones, slots[slot:slot + 1])  # writes K/V
+                logits, _ = decode(token[:, None], position, cache, cache_mask, ones, slots[slot:slot + 1])  # writes K/V
             else:
                 logits = step(token, position, cache, cache_mask, slots[slot:slot + 1], steps - 1)
             clock.lap("forward")
@@ -269,7 +329,7 @@ class Generator:
         self._remember(out[:, :total], mask, cache, prompt)
         clock.lap("bookkeeping")
         seconds = time.perf_counter() - start
-        self.last_stats = {"prompt_tokens": prompt, "new_tokens": steps, "batch": batch, "reused_tokens": reused,
+        self.last_stats = {"prompt_tokens": prompt, "new_tokens": steps, "batch": batch, "reused_tokens": request.reused,
                            "seconds": seconds, "first_token_seconds": first_token_s, "steps": max(steps - 1, 0),
                            "accepted_per_step": 1.0, "stages": clock.stats(),
                            "decode_tokens_per_s": (steps - 1) * batch / max(seconds - first_token_s, 1e-9) if steps > 1 else 0.0}
@@ -319,8 +379,7 @@ class Generator:
         key = (speculate, id(tree))
         drafters = self.__dict__.setdefault("_drafters", {})
         if key not in drafters:
-            compile = self.compile if self._compile_strict or not self.compile else "auto"  # a draft model as this one
-            drafters[key] = make_drafter(speculate, tree=tree, compile=compile)
+            drafters[key] = make_drafter(speculate, tree=tree)  # a draft model compiles as this one (sibling)
         return drafters[key]
 
     # -- pieces -------------------------------------------------------------------------------------
@@ -367,9 +426,11 @@ class Generator:
             self._buffers = {key: buf}  # one live allocation
         return buf
 
-    def _start(self, ids, mask, length: int):
-        """Buffers for a request of ``length`` slots, the prompt copied into ``out`` and prefilled
-        into the cache: ``(cache, cache_mask, out, slots, positions, last logits, reused tokens)``."""
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, length: int) -> Request:
+        """Start a request of ``length`` slots for ``ids [B, P]`` (left-padded, ``mask [B, P]``; both
+        checked by the caller): the prompt copied into ``out`` and prefilled into the cache (from the
+        prefix cache where it holds the prompt's start). The buffers are this Generator's, reused by
+        its next request (one request at a time); the Request is kept as ``last_request``."""
         prompt = ids.shape[1]
         cache, cache_mask, out, slots = self._allocate(ids.shape[0], length, ids.device)
         out[:, :prompt] = ids
@@ -377,7 +438,8 @@ class Generator:
         cache_mask[:, :prompt] = mask
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         logits, reused = self._prefill_prompt(ids, mask, positions, cache, cache_mask, slots)
-        return cache, cache_mask, out, slots, positions, logits, reused
+        self.last_request = Request(cache, cache_mask, out, slots, positions, logits, reused)
+        return self.last_request
 
     def _prefill_prompt(self, ids, mask, positions, cache, cache_mask, slots):
         """Fill the cache for the prompt; return the last position's logits and the reused count."""
@@ -398,12 +460,13 @@ class Generator:
                         cache[:, :, row, :, pads[row]:start].copy_(kv[:, :, :, :use])
         if start == 0:
             unpadded = bool(mask.all())
-            logits, new_kv = self._prefill_dense(ids, positions) if unpadded else self._prefill(ids, positions, mask)
+            logits, new_kv = (self._runners["prefill_dense"](ids, positions) if unpadded
+                              else self._runners["prefill"](ids, positions, mask))
             cache[:, :, :, :, :prompt].copy_(new_kv)
             return logits, 0
         cache_mask[:, start:].zero_()  # the suffix is the graph's "new" part until it is written
-        logits, _ = self._decode(ids[:, start:].contiguous(), positions[:, start:].contiguous(), cache, cache_mask,
-                                 mask[:, start:].contiguous(), slots[start:prompt])  # writes the suffix's K/V
+        logits, _ = self._runners["decode"](ids[:, start:].contiguous(), positions[:, start:].contiguous(), cache,
+                                            cache_mask, mask[:, start:].contiguous(), slots[start:prompt])  # writes the suffix's K/V
         cache_mask[:, start:prompt] = mask[:, start:]
         return logits, start
 
@@ -416,13 +479,6 @@ class Generator:
             seq = tokens[row, pads[row]:-1]
             if seq.numel():
                 self.prefix_cache.insert(seq, cache[:, :, row, :, pads[row]:pads[row] + seq.numel()])
-
-
-def _sample(scores: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
-    """HF order: temperature → top-k → top-p (smallest set with mass >= top_p), then one draw."""
-    from tokenfx.runtime.speculative.verify import warp
-
-    return torch.multinomial(warp(scores, temperature, top_k, top_p), 1, generator=generator).squeeze(1)
 
 
 def _compile_mode(compile) -> tuple[bool, bool]:
@@ -451,80 +507,6 @@ def _special_tokens(config) -> tuple[list[int], int | None]:
     eos_ids = [] if eos is None else _as_ids(eos)
     pad = getattr(config, "pad_token_id", None)
     return eos_ids, (int(pad) if pad is not None else (eos_ids[0] if eos_ids else None))
-
-
-# -- models -------------------------------------------------------------------------------------------
-def _resolve(model):
-    """``model`` as an nn.Module or a ModelGraph (specs are loaded)."""
-    if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
-        model = _load_decoder(str(model))
-    if isinstance(model, ModelGraph):
-        return model
-    if not isinstance(model, torch.nn.Module):
-        raise GenerationError(f"cannot generate with a {type(model).__name__}: pass a causal LM, a ModelGraph or a model spec")
-    return model  # whether it is a causal LM is the ModelMap's call (kv_cache refuses encoders / no LM head)
-
-
-def decoder_graph(model) -> ModelGraph:
-    """A full-sequence ModelGraph of a decoder, captured with token ids only."""
-    from tokenfx.frontends.torch_export import capture
-
-    model = _resolve(model)
-    if isinstance(model, ModelGraph):
-        return model
-    config = getattr(model, "config", None)
-    vocab = int(getattr(config, "vocab_size", 2) or 2)
-    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
-    device = next(model.parameters()).device
-    return capture(model, (ids.to(device),))
-
-
-def _model_dir(spec: str):
-    """The directory behind ``tokenfx:<name>`` or an HF directory spec, else None."""
-    from pathlib import Path
-
-    if spec.startswith("tokenfx:"):
-        from tokenfx import assets
-
-        return Path(assets.path(spec.split(":", 1)[1]))  # unknown names: ModelLoadError listing the bundled ones
-    path = Path(spec)
-    if path.suffix == ".gguf":
-        from tokenfx.frontends.gguf import hf_directory
-
-        return hf_directory(path)  # converted once into the tokenfx cache
-    return path if path.is_dir() else None
-
-
-def tokenizer_vocab(spec: str | None) -> dict | None:
-    """The token → id map of the ``tokenizer.json`` stored with ``spec`` (None when there is none)."""
-    import json
-
-    directory = _model_dir(str(spec)) if spec is not None else None
-    if directory is None or not (directory / "tokenizer.json").exists():
-        return None
-    vocab = json.loads((directory / "tokenizer.json").read_text()).get("model", {}).get("vocab")
-    return vocab if isinstance(vocab, dict) else None
-
-
-def load_tokenizer(spec: str):
-    """The Hugging Face tokenizer stored with ``spec`` (left padding, for batched prompts)."""
-    directory = _model_dir(str(spec))
-    if directory is None or not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        raise ModelLoadError(f"{spec} has no tokenizer; give an HF directory with tokenizer files or tokenfx:<name>")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def _load_decoder(spec: str):
-    from tokenfx.frontends.load import load, load_hf_model
-
-    directory = _model_dir(spec)
-    if directory is not None:
-        return load_hf_model(directory, dtype=torch.float32)
-    return load(spec)
 
 
 # -- the function ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import itertools
 
 import torch
 
+from tokenfx.errors import CacheError
 
 @dataclasses.dataclass(eq=False)
 class _Node:
@@ -40,7 +41,8 @@ class PrefixCache:
 
     def __init__(self, capacity_bytes: int):
         if capacity_bytes < 0:
-            raise ValueError(f"prefix cache capacity must be >= 0 bytes, got {capacity_bytes}")
+            raise CacheError(f"prefix cache capacity must be >= 0 bytes, got {capacity_bytes} "
+                             "(prefix_cache_bytes=0 turns the cache off)")
         self.capacity = int(capacity_bytes)
         self.root = _Node((), None, None)
         self.nbytes = 0
@@ -74,7 +76,8 @@ class PrefixCache:
         """Store ``kv`` ``[L, 2, Hkv, len(tokens), D]`` for ``tokens`` (copied; the caller's buffer is free)."""
         tokens = _as_tuple(tokens)
         if kv.shape[3] != len(tokens):
-            raise ValueError(f"prefix cache: {len(tokens)} tokens but K/V for {kv.shape[3]}")
+            raise CacheError(f"prefix cache: {len(tokens)} tokens but K/V for {kv.shape[3]}; give K/V "
+                             "[L, 2, Hkv, len(tokens), D], one slot per token")
         if not tokens or self.capacity == 0:
             return
         now = next(self._clock)

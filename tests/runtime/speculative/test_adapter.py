@@ -13,7 +13,8 @@ import torch
 
 from models import held_out_code_prompts, left_pad, llama
 from tokenfx.errors import GenerationError
-from tokenfx.runtime.generate import generator_for, load_tokenizer
+from tokenfx.frontends.load import load_tokenizer
+from tokenfx.runtime.generate import generator_for
 from tokenfx.runtime.speculative import adapter as A
 from tokenfx.runtime.speculative.adapter import ExitAdapter, InlineAdapter, _fresh, adapter_kl, train_adapter
 from tokenfx.runtime.speculative.self_spec import SelfSpeculation
@@ -31,7 +32,7 @@ def _windows(tokenizer, seed: int, count: int, length: int = 96) -> torch.Tensor
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     gen, tokenizer = generator_for("tokenfx:tiny-code"), load_tokenizer("tokenfx:tiny-code")
-    model = gen._source
+    model = gen.model
     data = _windows(tokenizer, seed=1, count=48)
     vocab = A.frequent_tokens(data, 1024, model.config.vocab_size)
     adapter = train_adapter(model, 2, data, steps=40, lr=2e-3, batch=8, progress=False)
@@ -44,7 +45,7 @@ def trained(tmp_path_factory):
 
 def test_training_lowers_held_out_kl(trained):
     gen, tokenizer, adapter, _ = trained
-    model = gen._source
+    model = gen.model
     held = _windows(tokenizer, seed=2, count=12)  # other windows than the training ones
     before = model.state_dict()["lm_head.weight"].clone()
     kl_start = adapter_kl(model, _fresh(model, 2), held)
@@ -56,7 +57,7 @@ def test_training_lowers_held_out_kl(trained):
 
 def test_inline_block_equals_the_hf_block(trained):
     gen, tokenizer, adapter, _ = trained
-    model = gen._source
+    model = gen.model
     ids = _windows(tokenizer, seed=4, count=2, length=24)
     hidden, _ = A.features(model, 2, ids)
     inline = InlineAdapter(adapter, model)

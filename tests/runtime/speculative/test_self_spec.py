@@ -9,7 +9,8 @@ import torch
 from models import gpt2, held_out_code_prompts, left_pad, llama
 from test_verify_distribution import chi_square_p_value
 from tokenfx.errors import GenerationError
-from tokenfx.runtime.generate import Generator, generator_for, load_tokenizer
+from tokenfx.frontends.load import load_tokenizer
+from tokenfx.runtime.generate import Generator, generator_for
 from tokenfx.runtime.speculative import verify as V
 from tokenfx.runtime.speculative.self_spec import SelfSpeculation
 

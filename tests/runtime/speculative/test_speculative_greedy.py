@@ -20,8 +20,9 @@ import torch
 
 from models import gpt2, held_out_code_prompts, left_pad, llama
 from tokenfx.errors import GenerationError
-from tokenfx.runtime.generate import Generator, generator_for, load_tokenizer
-from tokenfx.runtime.speculative.drafters import DraftModel
+from tokenfx.frontends.load import load_tokenizer
+from tokenfx.runtime.generate import Generator, generator_for
+from tokenfx.runtime.speculative.draft_model import DraftModel
 from tokenfx.ir.tree import Tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -283,7 +284,7 @@ def test_unknown_speculate(code):
 def test_recycling_judges_untried_nodes_by_their_rank():
     """The budget's acceptance model: a node never drafted (outside the current subtree) is
     estimated from the nodes of its rank that were drafted, not from the rank prior alone."""
-    from tokenfx.runtime.speculative.drafters import TokenRecycling
+    from tokenfx.runtime.speculative.recycling import TokenRecycling
 
     drafter = TokenRecycling()
     ranks = drafter.template.ranks

@@ -30,9 +30,8 @@ import torch
 
 from tokenfx.codegen import kv_compact  # noqa: F401  (registers tokenfx::kv_compact)
 from tokenfx.errors import GenerationError
-from tokenfx.runtime.generate import _sample
-from tokenfx.runtime.speculative import verify as V
 from tokenfx.ir.tree import batch_closure
+from tokenfx.runtime.speculative import verify as V
 from tokenfx.runtime.timing import RoundClock
 
 
@@ -115,7 +114,10 @@ class Draft:
 
 
 class Drafter:
-    """Proposes a token tree per row. Subclasses: :mod:`tokenfx.runtime.speculative.drafters`."""
+    """Proposes a token tree per row. Subclasses: :mod:`.recycling`, :mod:`.prompt_lookup`,
+    :mod:`.draft_model`, :mod:`.self_spec` (:func:`~tokenfx.runtime.speculative.drafters.make_drafter`
+    picks one by name). ``generator`` / ``gen`` below is the target's
+    :class:`~tokenfx.runtime.generate.Generator`; a drafter uses its public interface only."""
 
     name = "drafter"
     max_nodes = 1  # the most nodes (root included) a proposal can have
@@ -140,6 +142,9 @@ class Drafter:
 
 def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: int, temperature: float, top_k, top_p,
                          seed, stop_ids, pad, stream=None, tree_budget=None) -> torch.Tensor:
+    """``gen.generate(..., speculate=...)``'s loop (module docstring), over the Generator ``gen``'s
+    public interface: ``start``, ``runner("tree")`` (through ``drafter.verify``), ``layout``,
+    ``verify_cost``, ``prefix_cache``; it sets ``gen.last_stats``. ``ids``/``mask`` are checked."""
     batch, prompt = ids.shape
     device = ids.device
     drafter.prepare(gen)
@@ -157,7 +162,8 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     start_time = time.perf_counter()
     clock = RoundClock()
-    cache, cache_mask, out, slots, _, logits, reused = gen._start(ids, mask, prompt + max_new_tokens + nodes)
+    request = gen.start(ids, mask, prompt + max_new_tokens + nodes)
+    cache, cache_mask, out, slots, logits = request.cache, request.cache_mask, request.out, request.slots, request.logits
     clock.lap("prefill")
     seq = out[:, :prompt + max_new_tokens]  # committed tokens per row (a view of the request's buffer)
     seq[:, prompt:] = pad  # columns a finished row never reaches read as padding
@@ -165,7 +171,7 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
 
     sampling = temperature > 0
     scores = logits[:, -1, :]
-    first = _sample(scores, temperature, top_k, top_p, generator) if sampling else scores.argmax(-1)
+    first = V.sample_token(scores, temperature, top_k, top_p, generator) if sampling else scores.argmax(-1)
     seq[:, prompt] = first
     if stream is not None:
         stream(first)
@@ -262,7 +268,7 @@ def speculative_generate(gen, drafter: Drafter, ids, mask, *, max_new_tokens: in
     clock.lap("bookkeeping")
     seconds = time.perf_counter() - start_time
     new_tokens = total - prompt
-    gen.last_stats = {"prompt_tokens": prompt, "new_tokens": new_tokens, "batch": batch, "reused_tokens": reused,
+    gen.last_stats = {"prompt_tokens": prompt, "new_tokens": new_tokens, "batch": batch, "reused_tokens": request.reused,
                       "seconds": seconds, "first_token_seconds": first_token_s, "steps": rounds,
                       "accepted_per_step": emitted_total / max(row_steps, 1),  # tokens per verify step and row
                       "stages": clock.stats(),

@@ -23,7 +23,7 @@ emits ``tokens[path[1:length]]`` then ``bonus``.
   emitted tokens are distributed exactly as sampling from the target (tests check it).
 
 ``p`` is the target's distribution after the sampling transforms (temperature, top-k,
-top-p: :func:`warp`), the same one plain sampling draws from.
+top-p: :func:`warp`), the same one plain sampling draws from (:func:`sample_token`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ def warp(logits: torch.Tensor, temperature: float, top_k=None, top_p=None) -> to
         drop[..., -1] = False  # keep at least the most likely token
         scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return scores.softmax(-1)
+
+
+def sample_token(scores: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
+    """One token per row of ``scores [B, V]`` as plain sampling draws it (HF order: temperature →
+    top-k → top-p, then one draw from :func:`warp`'s distribution): ``[B]``."""
+    return torch.multinomial(warp(scores, temperature, top_k, top_p), 1, generator=generator).squeeze(1)
 
 
 def greedy(tokens, parents, valid, mask, depth, logits) -> Verdict:
