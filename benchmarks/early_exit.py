@@ -80,12 +80,10 @@ and prints markdown tables for the README (the methods; the adapters' KL).
 
 from __future__ import annotations
 
-import os
+from machine import add_modes, benchmark_parser, pyplot, quiet_libraries, save_figure, start_run
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+quiet_libraries()
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -95,20 +93,18 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 import tokenfx  # noqa: E402
 from tokenfx.errors import GenerationError  # noqa: E402
 from tokenfx.runtime import executor  # noqa: E402
 from tokenfx.runtime.early_exit import ConfidenceExit, SkipDecode, teacher_forced_nll  # noqa: E402
-from tokenfx.runtime.generate import Generator, load_tokenizer  # noqa: E402
+from tokenfx.frontends.load import load_tokenizer  # noqa: E402
+from tokenfx.runtime.generate import Generator  # noqa: E402
 from tokenfx.runtime.speculative.adapter import (ExitAdapter, _fresh, adapter_kl, target_digest,  # noqa: E402
                                                  train_adapter)
 from tokenfx.runtime.speculative.decode import Drafter  # noqa: E402
 from tokenfx.runtime.speculative.self_spec import SelfSpeculation  # noqa: E402
 from generate import aoti_files, held_out_tokens  # noqa: E402  (benchmarks/, next to this script)
-from machine import machine_info, save_figure  # noqa: E402
 from speculative import completion_prompts, held_out_files  # noqa: E402
 
 MODEL = "tiny-code"
@@ -384,10 +380,7 @@ def adapter_table(adapters: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summary = results["methods"]
     fig, (ax_a, ax_p, ax_s) = plt.subplots(1, 3, figsize=(20, 5.6), gridspec_kw={"width_ratios": [2, 2, 1.8]})
@@ -450,11 +443,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", dest="mode", action="store_const", const="quick", default="full",
-                        help="4 prompts, 64 new tokens, 1 repeat, 3 windows of 128, λ in 0.5, 0.8, 0.95, 60 adapter "
-                             "steps (default: 12, 128, 3, 8 of 256, λ in 0.3 … 0.95, 300)")
+    parser = benchmark_parser(__doc__)
+    add_modes(parser, default="full", quick="4 prompts, 64 new tokens, 1 repeat, 3 windows of 128, λ in 0.5, 0.8, "
+                                            "0.95, 60 adapter steps (default: 12, 128, 3, 8 of 256, λ in 0.3 … 0.95, 300)")
     parser.add_argument("--prompts", type=int, default=None, help="completion prompts")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per call")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per method and prompt (median)")
@@ -462,11 +453,6 @@ def main(argv=None) -> None:
     parser.add_argument("--window-tokens", type=int, default=None, help="tokens per held-out window")
     parser.add_argument("--adapter-steps", type=int, default=None, help="training steps of each exit adapter")
     parser.add_argument("--seed", type=int, default=0, help="prompt and window selection, adapter training")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on a machine shared with other work, "
-                             "more threads stall at OpenMP barriers)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="output folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
     count = args.prompts if args.prompts is not None else mode["prompts"]
@@ -475,18 +461,14 @@ def main(argv=None) -> None:
     n_windows = args.windows if args.windows is not None else mode["windows"]
     window_tokens = args.window_tokens if args.window_tokens is not None else mode["window_tokens"]
     adapter_steps = args.adapter_steps if args.adapter_steps is not None else mode["adapter_steps"]
-    if (min(count, repeats, n_windows, args.threads, adapter_steps) < 1 or max_new < 2
-            or window_tokens <= NLL_PREFIX + 1):
-        parser.error(f"--prompts, --repeats, --windows, --threads and --adapter-steps must be at least 1, "
+    if min(count, repeats, n_windows, adapter_steps) < 1 or max_new < 2 or window_tokens <= NLL_PREFIX + 1:
+        parser.error(f"--prompts, --repeats, --windows and --adapter-steps must be at least 1, "
                      f"--max-new-tokens at least 2, --window-tokens more than {NLL_PREFIX + 1}")
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    run = start_run("early_exit", args, console_width=150)
+    console = run.console
 
     from transformers import AutoModelForCausalLM
 
-    console = Console(width=max(Console().width, 150))
-    started = time.perf_counter()
-    machine = machine_info()
     model_dir = Path(tokenfx.assets.path(MODEL))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(f"tokenfx:{MODEL}")
@@ -520,8 +502,7 @@ def main(argv=None) -> None:
 
     scored = [m for m in methods if m.family != "self"]
     steps = 1 + len(methods) * WARMUP + len(prompts) * len(methods) * repeats + len(scored) * len(windows)
-    columns = (TextColumn("{task.description:<72}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with run.progress(72) as progress:
         task = progress.add_task("Generator(compile=True)", total=steps)
         before = aoti_files()
         start = time.perf_counter()
@@ -561,7 +542,7 @@ def main(argv=None) -> None:
         "mean_layers_meaning": "blocks run per generated token (last_stats['mean_layers']; greedy: all 6)",
         "accepted_per_step_meaning": "lossless drafters (self-speculation, adapters): tokens emitted per verify "
                                      "step incl. the bonus (last_stats['accepted_per_step'])",
-        "machine": machine,
+        "machine": run.machine,
         "model": {"name": f"tokenfx:{MODEL}", "class": type(model).__name__, "dtype": "float32",
                   "parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers,
                   "training_held_out_perplexity_per_exit": json.loads((model_dir / "training.json").read_text())
@@ -607,10 +588,7 @@ def main(argv=None) -> None:
     }
     results["markdown_table"] = markdown_table(summary)
     results["adapter_table"] = adapter_table(adapter_info)
-    results["total_runtime_s"] = time.perf_counter() - started
-    json_path, png_path = args.out / "early_exit.json", args.out / "early_exit.png"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, png_path)
+    run.save(results, plot)
     console.print(results["markdown_table"], markup=False, highlight=False, soft_wrap=True)  # one line per row
     console.print()
     console.print(results["adapter_table"], markup=False, highlight=False, soft_wrap=True)
@@ -623,7 +601,7 @@ def main(argv=None) -> None:
         console.print(f"{name} acceptance estimates per exit: "
                       + ", ".join(f"E={e + 1} {a:.2f}" for e, a in enumerate(d["alpha"][:-1]))
                       + f"; next round: E={d['plan_after'][0]}, {d['plan_after'][1]} draft tokens")
-    console.print(f"wrote {json_path} and {png_path} in {results['total_runtime_s']:.0f} s")
+    run.print_written(results)
 
 
 if __name__ == "__main__":

@@ -39,26 +39,21 @@ Writes ``<out>/fuse_norm.json`` and ``<out>/fuse_norm.png`` (default out: benchm
 from __future__ import annotations
 
 import os
-import tempfile
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from machine import add_modes, benchmark_parser, pyplot, quiet_libraries, save_figure, start_run, temporary_caches
+
+quiet_libraries()
 _FRESH_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
-if _FRESH_INDUCTOR_CACHE:  # before torch is imported: Inductor reads it once
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tokenfx-bench-inductor-")
+if _FRESH_INDUCTOR_CACHE:
+    temporary_caches("TORCHINDUCTOR_CACHE_DIR")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 import tokenfx  # noqa: E402
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
 
 MODEL_CONFIG = dict(
     hidden_size=512,
@@ -238,10 +233,7 @@ def measure_compiled(model, shapes, repeats: int, progress, task) -> dict:
 
 # -- chart ---------------------------------------------------------------------------------------------
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     eager = results["eager"]["measurements"]
     compiled = results["compiled"]["measurements"]
@@ -270,49 +262,27 @@ def plot(results: dict, path: Path) -> None:
         ("inductor", lambda r: r["median_ms"]["inductor"]),
         ("tokenfx(fuse_norm) → inductor", lambda r: r["median_ms"]["tokenfx_inductor"]),
     ], "(b) torch.compile")
-    machine = results["machine"]
-    cpu = machine["cpu_model"] or machine["processor"] or machine["machine"]
-    fig.suptitle(f"fuse_norm on a Llama (hidden 512, 8 layers), fp32, CPU: {cpu}, {machine['cpu_count']} cores, "
-                 f"{machine['torch_threads']} torch thread(s). No GPU: add_norm runs its torch reference.",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, results["machine"], "fuse_norm on a Llama (hidden 512, 8 layers), fp32",
+                note="No GPU: add_norm runs its torch reference.")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="compiled at batch 1 only, 5 repeats (default)")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="compiled at batch 1 and 4, 10 repeats")
-    parser.set_defaults(mode="quick")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="output folder (default: benchmarks/results)")
+    parser = benchmark_parser(__doc__, threads=None,
+                              threads_help="torch intra-op threads (default: torch's choice, one per core); on a "
+                                           "machine shared with other work, 1 avoids stalls at OpenMP barriers")
+    add_modes(parser, default="quick", quick="compiled at batch 1 only, 5 repeats (default)",
+              full="compiled at batch 1 and 4, 10 repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant and shape")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice, one per core); on a "
-                             "machine shared with other work, 1 avoids stalls at OpenMP barriers")
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else {"quick": 5, "full": 10}[args.mode]
     if repeats < 1:
         parser.error("--repeats must be at least 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    console = Console()
-    started = time.perf_counter()
+    run = start_run("fuse_norm", args)
     model = build_model()
     compiled_shapes = COMPILED_SHAPES[args.mode]
     steps = (2 + len(EAGER_SHAPES) * 3 * (WARMUP + repeats)
              + len(COMPILED_VARIANTS) * len(compiled_shapes) * (1 + WARMUP + repeats))
-    columns = (TextColumn("{task.description:<58}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with torch.inference_mode(), Progress(*columns, console=console) as progress:
+    with torch.inference_mode(), run.progress(58) as progress:
         task = progress.add_task("building", total=steps)
         section_start = time.perf_counter()
         eager = measure_eager(model, repeats, progress, task)
@@ -333,7 +303,7 @@ def main(argv=None) -> None:
         "threads": args.threads if args.threads is not None else "torch default",
         "statistic": "median of timed runs, torch.inference_mode, variants interleaved",
         "ratio_meaning": "baseline latency / rewritten latency; > 1 means the rewrite is faster",
-        "machine": machine_info(),
+        "machine": run.machine,
         "model": {"class": type(model).__name__, "dtype": "float32",
                   "attn_implementation": model.config._attn_implementation,
                   "parameters": sum(p.numel() for p in model.parameters()), **MODEL_CONFIG},
@@ -343,15 +313,12 @@ def main(argv=None) -> None:
         else f"TORCHINDUCTOR_CACHE_DIR={os.environ['TORCHINDUCTOR_CACHE_DIR']} (may be warm)",
         "note": NOTE,
     }
-    results["total_runtime_s"] = time.perf_counter() - started
-    json_path, png_path = args.out / "fuse_norm.json", args.out / "fuse_norm.png"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, png_path)
-    summarize(console, results)
-    console.print(f"wrote {json_path} and {png_path} in {results['total_runtime_s']:.0f} s")
+    run.save(results, plot)
+    summarize(run.console, results)
+    run.print_written(results)
 
 
-def summarize(console: Console, results: dict) -> None:
+def summarize(console, results: dict) -> None:
     from rich.table import Table
 
     table = Table(title="(a) eager: median ms, ratio = baseline / fuse_norm")
@@ -381,8 +348,4 @@ def summarize(console: Console, results: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        if _FRESH_INDUCTOR_CACHE:
-            shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+    main()

@@ -56,35 +56,26 @@ Writes ``<out>/generate.json`` and ``<out>/generate.png`` (default out: benchmar
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+from machine import add_modes, benchmark_parser, pyplot, quiet_libraries, save_figure, start_run, temporary_caches
+
+quiet_libraries()
 _COLD = "--cold" in sys.argv[1:]
-_TEMP_DIRS: list[str] = []
-if _COLD:  # before torch / tokenfx are imported: Inductor reads its cache dir once
-    for _var, _prefix in (("TOKENFX_CACHE", "tokenfx-bench-cache-"), ("TORCHINDUCTOR_CACHE_DIR", "tokenfx-bench-inductor-")):
-        os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
-        _TEMP_DIRS.append(os.environ[_var])
+if _COLD:  # before torch / tokenfx are imported
+    temporary_caches("TOKENFX_CACHE", "TORCHINDUCTOR_CACHE_DIR")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sysconfig  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 import tokenfx  # noqa: E402
 from tokenfx.runtime import executor  # noqa: E402
-from machine import machine_info  # noqa: E402  (benchmarks/machine.py, next to this script)
 
 MODEL = "smollm2"
 SPLIT = "tiny-code"  # the held-out stdlib files the prompts come from (tokenized with the model's tokenizer)
@@ -372,10 +363,7 @@ def measure_prefix(model, gens, windows: Windows, repeats, max_new, progress, ta
 
 # -- chart ---------------------------------------------------------------------------------------------
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = results["decode"]
     prefix = results["prefix"]
@@ -413,16 +401,10 @@ def plot(results: dict, path: Path) -> None:
                    f"×{prefix['ratio_ttft_no_cache_over_prefix_cache']:.1f} vs no cache (target ≥ 5), "
                    f"reused {prefix['reused_tokens_min']}–{prefix['reused_tokens_max']}", fontsize=10)
     ax_b.margins(y=0.12)
-    machine = results["machine"]
-    cpu = machine["cpu_model"] or machine["processor"] or machine["machine"]
-    fig.suptitle(f"tokenfx.Generator vs HF generate, {results['model']['name']}, fp32, CPU: {cpu}, "
-                 f"{machine['cpu_count']} cores, {machine['torch_threads']} torch thread(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, results["machine"], f"tokenfx.Generator vs HF generate, {results['model']['name']}, fp32")
 
 
-def summarize(console: Console, results: dict) -> None:
+def summarize(console, results: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"(a) greedy decode, {results['max_new_tokens']} new tokens: tokens/s (median), TTFT ms")
@@ -467,21 +449,10 @@ def summarize(console: Console, results: dict) -> None:
 
 def main(argv=None) -> None:
     global PROMPT_LENGTHS
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="64 new tokens, 3 repeats (default)")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="128 new tokens, 5 repeats")
-    parser.set_defaults(mode="quick")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="output folder (default: benchmarks/results)")
+    parser = benchmark_parser(__doc__)
+    add_modes(parser, default="quick", quick="64 new tokens, 3 repeats (default)", full="128 new tokens, 5 repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant and case")
     parser.add_argument("--max-new", type=int, default=None, help="new tokens per decode call")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on a machine shared with other work, "
-                             "more threads stall at OpenMP barriers)")
     parser.add_argument("--model", default=MODEL, help="bundled model name (default smollm2)")
     parser.add_argument("--lengths", default=",".join(map(str, PROMPT_LENGTHS)), help="prompt lengths, comma-separated")
     parser.add_argument("--cold", action="store_true",
@@ -493,16 +464,10 @@ def main(argv=None) -> None:
         parser.error("--repeats must be at least 1")
     if max_new < 2:
         parser.error("--max-new must be at least 2")
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    run = start_run("generate", args, console_width=150)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    console = Console(width=max(Console().width, 150))
-    started = time.perf_counter()
-    machine = machine_info()  # at the start: load average, and the package source this run imported
     PROMPT_LENGTHS = tuple(int(x) for x in args.lengths.split(","))
     model_dir = Path(tokenfx.assets.path(args.model))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -514,8 +479,7 @@ def main(argv=None) -> None:
     cases = len(PROMPT_LENGTHS) * len(BATCHES)
     steps = (4 + cases * len(DECODE_VARIANTS) * (WARMUP + repeats)
              + 1 + len(PREFIX_VARIANTS) * (WARMUP + repeats) + 1)
-    columns = (TextColumn("{task.description:<64}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with run.progress(64) as progress:
         task = progress.add_task("building", total=steps)
         gens, construction = build_generators(model, progress, task)
         with torch.inference_mode():
@@ -536,7 +500,7 @@ def main(argv=None) -> None:
         "statistic": "median of timed calls, torch.inference_mode, variants interleaved",
         "ratio_meaning": "(a) tokenfx tokens/s / HF tokens/s, > 1: tokenfx faster (target >= 1.5 compiled); "
                          "(b) TTFT without prefix cache / TTFT with it (target >= 5)",
-        "machine": machine,
+        "machine": run.machine,
         "model": {"name": f"tokenfx:{args.model}", "class": type(model).__name__, "dtype": "float32",
                   "attn_implementation": model.config._attn_implementation,
                   "parameters": sum(p.numel() for p in model.parameters()),
@@ -559,17 +523,10 @@ def main(argv=None) -> None:
             and prefix["next_token_identical_all_rounds"] and prefix["check"]["prefix_cache_vs_hf"]["identical"],
         },
     }
-    results["total_runtime_s"] = time.perf_counter() - started
-    json_path, png_path = args.out / "generate.json", args.out / "generate.png"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, png_path)
-    summarize(console, results)
-    console.print(f"wrote {json_path} and {png_path} in {results['total_runtime_s']:.0f} s")
+    run.save(results, plot)
+    summarize(run.console, results)
+    run.print_written(results)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        for folder in _TEMP_DIRS:
-            shutil.rmtree(folder, ignore_errors=True)
+    main()

@@ -26,22 +26,19 @@ Writes ``<out>/profile_decode.json`` and ``<out>/profile_decode.png``.
 
 from __future__ import annotations
 
-import os
+from machine import benchmark_parser, pyplot, quiet_libraries, save_figure, start_run
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+quiet_libraries()
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-import tokenfx  # noqa: E402
-from tokenfx.runtime.generate import Generator, load_tokenizer  # noqa: E402
+from tokenfx.frontends.load import load_tokenizer  # noqa: E402
+from tokenfx.runtime.generate import Generator  # noqa: E402
 from tokenfx.runtime.speculative.adapter import find_adapter  # noqa: E402
 from tokenfx.runtime.timing import STAGES  # noqa: E402
-from machine import machine_info, save_figure  # noqa: E402
 
 PROMPTS = (  # (kind, text): chat prompts go through the chat template when the tokenizer has one
     ("chat", "What is the capital of France? Answer in two sentences."),
@@ -85,20 +82,18 @@ def encode(tokenizer, kind: str, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt")["input_ids"]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--model", default="tokenfx:smollm2")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--bandwidth-mib", type=int, default=1024)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    run = start_run("profile_decode", args)
 
     tokenizer = load_tokenizer(args.model)
     build = time.perf_counter()
@@ -174,11 +169,9 @@ def main() -> int:
         "generator_build_seconds": build_s, "bandwidth_gb_s": bw, "weight_bytes": weights,
         "greedy_ceiling_tokens_per_s": ceiling, "tree_verify_ms_by_nodes": costs, "methods": summary,
         "hf_lookup_call": "model.generate(..., prompt_lookup_num_tokens=10)",
-        "machine": machine_info(),
+        "machine": run.machine,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "profile_decode.json").write_text(json.dumps(record, indent=2))
+    run.save(record, _plot)
     print(f"\nweights {weights / 1e6:.0f} MB, bandwidth {bw:.1f} GB/s → greedy ceiling {ceiling:.1f} tok/s; "
           f"tree verify ms by nodes {({k: round(v, 1) for k, v in costs.items()})}")
     print("| prompts | method | tok/s | × HF greedy | × tokenfx greedy | tokens / step | % of ceiling | "
@@ -191,15 +184,12 @@ def main() -> int:
             print(f"| {kind} | {method} | {s['tokens_per_s']:.1f} | {s['x_hf_greedy']:.2f} | {xfx} | {steps} | "
                   f"{100 * s['fraction_of_ceiling']:.0f} | " + " | ".join(f"{s['ms_per_token'][k]:.1f}" for k in STAGES)
                   + f" | {s['identical']} |")
-    _plot(record, out / "profile_decode.png")
+    run.print_written(record)
     return 0
 
 
 def _plot(record: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     kinds = list(record["methods"])
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)

@@ -55,12 +55,10 @@ and prints a markdown table for the README.
 
 from __future__ import annotations
 
-import os
+from machine import add_modes, benchmark_parser, pyplot, quiet_libraries, save_figure, start_run
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+quiet_libraries()
 
-import argparse  # noqa: E402
 import ast  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
@@ -73,14 +71,12 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 import tokenfx  # noqa: E402
 from tokenfx.runtime import executor  # noqa: E402
-from tokenfx.runtime.generate import Generator, load_tokenizer  # noqa: E402
+from tokenfx.frontends.load import load_tokenizer  # noqa: E402
+from tokenfx.runtime.generate import Generator  # noqa: E402
 from generate import aoti_files, compare  # noqa: E402  (benchmarks/generate.py, next to this script)
-from machine import machine_info, save_figure  # noqa: E402
 
 MODEL, DRAFT = "tiny-code", "tiny-code-draft"
 KINDS = ("completion", "edit")
@@ -345,10 +341,7 @@ def markdown_table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summary = results["methods"]
     names = list(summary)
@@ -389,21 +382,14 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", dest="mode", action="store_const", const="quick", default="full",
-                        help="4 prompts of each kind, 64 new tokens (default: 12 of each, 128)")
+    parser = benchmark_parser(__doc__)
+    add_modes(parser, default="full", quick="4 prompts of each kind, 64 new tokens (default: 12 of each, 128)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts of each kind")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per call")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per method and prompt (median)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {', '.join(METHODS)} ({REFERENCE} always runs: the reference)")
     parser.add_argument("--seed", type=int, default=0, help="prompt selection")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on a machine shared with other work, "
-                             "more threads stall at OpenMP barriers)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="output folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
     count = args.prompts if args.prompts is not None else MODES[args.mode]["prompts"]
     max_new = args.max_new_tokens if args.max_new_tokens is not None else MODES[args.mode]["max_new"]
@@ -412,17 +398,14 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     methods = [m for m in METHODS if m in chosen or m == REFERENCE]
-    if count < 1 or max_new < 2 or args.repeats < 1 or args.threads < 1:
-        parser.error("--prompts, --repeats and --threads must be at least 1, --max-new-tokens at least 2")
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if count < 1 or max_new < 2 or args.repeats < 1:
+        parser.error("--prompts and --repeats must be at least 1, --max-new-tokens at least 2")
+    run = start_run("speculative", args, console_width=150)
+    console = run.console
 
     from transformers import AutoModelForCausalLM
     from transformers.utils import is_sklearn_available
 
-    console = Console(width=max(Console().width, 150))
-    started = time.perf_counter()
-    machine = machine_info()
     model_dir = Path(tokenfx.assets.path(MODEL))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     draft = (AutoModelForCausalLM.from_pretrained(tokenfx.assets.path(DRAFT), dtype=torch.float32).eval()
@@ -441,9 +424,8 @@ def main(argv=None) -> None:
 
     uses_tokenfx = any(m in SPECULATE for m in methods)
     steps = 1 + len(methods) * WARMUP + len(prompts) * len(methods) * args.repeats + 1
-    columns = (TextColumn("{task.description:<72}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     construction = {}
-    with Progress(*columns, console=console) as progress:
+    with run.progress(72) as progress:
         task = progress.add_task("Generator(model)", total=steps)
         gen = None
         if uses_tokenfx:
@@ -484,7 +466,7 @@ def main(argv=None) -> None:
         "accepted_per_step_meaning": "tokens emitted per verify step incl. the bonus; tokenfx: last_stats['accepted_per_step'] "
                                      "(prefill's token not counted); HF: new tokens / target forward calls (prefill call "
                                      "included); greedy: 1",
-        "machine": machine,
+        "machine": run.machine,
         "model": {"name": f"tokenfx:{MODEL}", "class": type(model).__name__, "dtype": "float32",
                   "attn_implementation": model.config._attn_implementation,
                   "parameters": sum(p.numel() for p in model.parameters()), "layers": model.config.num_hidden_layers},
@@ -520,10 +502,7 @@ def main(argv=None) -> None:
         "per_prompt": rows,
     }
     results["markdown_table"] = markdown_table(results)
-    results["total_runtime_s"] = time.perf_counter() - started
-    json_path, png_path = args.out / "speculative.json", args.out / "speculative.png"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, png_path)
+    run.save(results, plot)
     console.print(results["markdown_table"], markup=False, highlight=False, soft_wrap=True)  # one line per row: copy-pastable
     for name, s in summary.items():
         for bad in s["all"]["not_identical"]:
@@ -532,7 +511,7 @@ def main(argv=None) -> None:
                           f"{bad['first_divergence']})")
     console.print("new tokens that repeat a 3-gram of their context (HF greedy): "
                   + ", ".join(f"{kind} {copied[kind]:.0%}" for kind in KINDS))
-    console.print(f"wrote {json_path} and {png_path} in {results['total_runtime_s']:.0f} s")
+    run.print_written(results)
 
 
 if __name__ == "__main__":

@@ -37,25 +37,20 @@ Writes ``<out>/token_shuffle.json`` and ``<out>/token_shuffle.png`` (default out
 
 from __future__ import annotations
 
-import os
+from machine import benchmark_parser, pyplot, quiet_libraries, save_figure, start_run
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+quiet_libraries()
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 import tokenfx  # noqa: E402
 from tokenfx.passes.base import PassManager  # noqa: E402
 from tokenfx.passes.token_shuffle import adapter_parameters, finetune  # noqa: E402
-from machine import machine_info, save_figure  # noqa: E402  (benchmarks/machine.py, next to this script)
 
 MODEL_CONFIG = dict(image_size=16, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
                     num_attention_heads=4, intermediate_size=128, num_labels=10,
@@ -137,11 +132,8 @@ def throughput(graphs: dict, x, repeats: int, progress) -> dict:
             for name, t in seconds.items()}
 
 
-def plot(result: dict, path: Path, machine: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(result: dict, path: Path) -> None:
+    plt = pyplot()
 
     fig, (ax_curve, ax_loss, ax_speed) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.6, 1, 1]})
     losses = result["finetune"]["train_losses"]
@@ -183,40 +175,29 @@ def plot(result: dict, path: Path, machine: dict) -> None:
     ax_speed.set_ylabel("images / s (eager, batch 64)")
     ax_speed.set_title(f"throughput: {result['throughput_ratio']:.2f}x")
     ax_speed.margins(y=0.15)
-    save_figure(fig, path, machine, "token_shuffle on a digits ViT")
+    save_figure(fig, path, result["machine"], "token_shuffle on a digits ViT")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, threads_help="torch intra-op threads (default 1: on a shared 2-core machine "
+                                                    "2 threads ran ~8x slower)")
     parser.add_argument("--train-steps", type=int, default=500, help="steps training the ViT (default 500)")
     parser.add_argument("--finetune-steps", type=int, default=500, help="adapter fine-tune steps (default 500)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per graph (default 20)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads ran ~8x slower)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="output folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
     for name in ("train_steps", "finetune_steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    run = start_run("token_shuffle", args)
     import transformers
 
-    console = Console()
-    machine = machine_info()
-    started = time.perf_counter()
     torch.manual_seed(args.seed)
     x_train, y_train, x_test, y_test = digits(args.seed)
     config = transformers.ViTConfig(**MODEL_CONFIG)
     config._attn_implementation = ATTENTION
     model = transformers.ViTForImageClassification(config)
-    columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with run.progress(34) as progress:
         t0 = time.perf_counter()
         train_losses = train_base(model, x_train, y_train, args.train_steps, args.seed, progress)
         train_s = time.perf_counter() - t0
@@ -269,11 +250,10 @@ def main(argv=None) -> None:
         "throughput": speed,
         "throughput_ratio": speed["shuffled"]["images_per_s"] / speed["original"]["images_per_s"],
         "seed": args.seed,
-        "seconds": time.perf_counter() - started,
-        "machine": machine,
+        "machine": run.machine,
     }
-    (args.out / "token_shuffle.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out / "token_shuffle.png", machine)
+    run.save(result, plot)
+    console = run.console
 
     console.print("| graph | test loss | test accuracy |\n|---|---|---|")
     for name in ("original", "zero_shot", "fine_tuned"):
@@ -284,7 +264,7 @@ def main(argv=None) -> None:
     console.print(f"recovered {100 * recovered:.1f}% of the loss gap with {args.finetune_steps} adapter steps "
                   f"({finetune_s:.1f} s); throughput {result['throughput_ratio']:.2f}x "
                   f"({speed['original']['images_per_s']:.0f} → {speed['shuffled']['images_per_s']:.0f} images/s)")
-    console.print(f"wrote {args.out / 'token_shuffle.json'} and {args.out / 'token_shuffle.png'}")
+    run.print_written(result)
 
 
 if __name__ == "__main__":

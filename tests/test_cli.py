@@ -60,10 +60,27 @@ def test_rewrite_onnx_with_verify_and_kernels(capsys, tmp_path):
 
 
 def test_rewrite_pt2(capsys, tmp_path):
+    """The written file is a loadable ExportedProgram that computes what the original model does,
+    with the fused op in it, at a batch and length other than the capture's."""
+    import torch
+
+    import models
+
     out_file = tmp_path / "bert.pt2"
     code, out, _ = run(capsys, "rewrite", "factories:tiny_bert", "--passes", "fuse_norm(final_norm=false)", "-o", str(out_file))
     assert code == 0 and out_file.exists()
     assert "fuse_norm" in out and "wrote" in out
+    program = torch.export.load(out_file)
+    fused = [n for n in program.graph.nodes if n.target is torch.ops.tokenfx.add_norm.default]
+    assert len(fused) == 4  # two blocks × (attention, MLP) residual + norm
+    ids = torch.randint(0, models.VOCAB, (3, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # one padded row
+    original = models.bert().eval()  # the same seeded weights the factory built
+    with torch.no_grad():
+        expected = original(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = program.module()(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -134,7 +151,7 @@ def test_generate_json_matches_the_library(capsys):
     assert set(data) == {"text", "token_ids", "new_tokens", "seconds", "tokens_per_s"}
     assert data["new_tokens"] == len(data["token_ids"]) <= 6
     import tokenfx
-    from tokenfx.runtime.generate import load_tokenizer
+    from tokenfx.frontends.load import load_tokenizer
 
     tok = load_tokenizer("tokenfx:tiny-code")
     ids = tok("def parse(line):\n    ", return_tensors="pt")["input_ids"]

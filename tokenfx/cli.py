@@ -20,20 +20,9 @@ import os
 import sys
 from pathlib import Path
 
+from tokenfx.report import pass_json, render_catalogue, render_passes, render_structure, terminal
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    console = Console(stderr=stderr, highlight=False)
-    if not console.is_terminal:  # piped or captured: don't squeeze tables into 80 columns
-        console = Console(stderr=stderr, highlight=False, width=120)
-    return console
-
-
-def _err_console():
-    return _console(stderr=True)
 
 
 # -- inspect ---------------------------------------------------------------------------------------
@@ -46,24 +35,8 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    render_structure(_console(), data, title=f"{args.model}")
+    render_structure(terminal(), data, title=f"{args.model}")
     return 0
-
-
-def render_structure(console, data: dict, title: str) -> None:
-    from rich.table import Table
-
-    console.print(f"[bold]{title}[/bold]  family [cyan]{data['family']}[/cyan] · {data['num_blocks']} blocks · "
-                  f"hidden {data['hidden_size']} · position [cyan]{data['position']}[/cyan] · token axis {data['token_axis']}")
-    console.print(f"embeddings: {', '.join(data['embeddings']) or '—'} · final norm: {data['final_norm'] or '—'} · head: {data['head'] or '—'}")
-    table = Table(show_edge=False, header_style="bold")
-    for col in ("block", "norm", "placement", "core", "heads", "kv heads", "head dim", "causal", "mlp proj"):
-        table.add_column(col)
-    for b in data["blocks"]:
-        a = b["attention"]
-        table.add_row(b["name"], b["norm"], b["norm_placement"], a["core"], str(a["heads"]), str(a["kv_heads"]),
-                      str(a["head_dim"]), "yes" if a["causal"] else "no", str(b["mlp_projections"]))
-    console.print(table)
 
 
 # -- passes ----------------------------------------------------------------------------------------
@@ -85,15 +58,7 @@ def cmd_passes(args) -> int:
     if args.json:
         print(json.dumps(catalogue, indent=2, default=str))
         return 0
-    from rich.table import Table
-
-    table = Table(show_edge=False, header_style="bold")
-    for col in ("pass", "contract", "options", "what it does"):
-        table.add_column(col)
-    for p in catalogue:
-        opts = ", ".join(f"{o['name']}: {o['type']} = {o['default']!r}" for o in p["options"]) or "—"
-        table.add_row(p["name"], p["contract"], opts, p["summary"])
-    _console().print(table)
+    render_catalogue(terminal(), catalogue)
     return 0
 
 
@@ -113,7 +78,7 @@ def cmd_rewrite(args) -> int:
     kernel_dir = Path(args.emit_kernels) if args.emit_kernels else None
     if kernel_dir is not None and kernel_dir.exists() and not kernel_dir.is_dir():
         raise ExportError(f"--emit-kernels: {kernel_dir} exists and is not a directory")
-    console = _err_console() if args.json else _console()
+    console = terminal(stderr=args.json)  # --json: stdout carries only the JSON
     with console.status("loading and capturing the model"):
         graph = tokenfx.load(args.model)
     with console.status(f"running {args.passes}"):
@@ -131,7 +96,7 @@ def cmd_rewrite(args) -> int:
 
         kernels = [str(p) for p in write_kernels(sources, kernel_dir)]
     summary = {
-        "model": str(args.model), "output": str(out), "passes": [_pass_json(p) for p in report.passes],
+        "model": str(args.model), "output": str(out), "passes": [pass_json(p) for p in report.passes],
         "kernels": kernels,
     }
     if args.json:
@@ -140,29 +105,6 @@ def cmd_rewrite(args) -> int:
         render_passes(console, report.passes)
         console.print(f"wrote [bold]{out}[/bold]" + (f" and {len(kernels)} kernel file(s) in {args.emit_kernels}" if kernels else ""))
     return 0
-
-
-def _pass_json(p) -> dict:
-    return {"name": p.name, "options": p.description, "contract": p.contract, "seconds": round(p.seconds, 4),
-            "nodes_added": p.nodes_added, "nodes_removed": p.nodes_removed, "matched": p.matched,
-            "refused": [{"where": w, "why": y} for w, y in p.refused], "max_abs_error": p.max_abs_error,
-            "tolerance": p.tolerance, "stats": p.stats}
-
-
-def render_passes(console, passes) -> None:
-    from rich.table import Table
-
-    table = Table(show_edge=False, header_style="bold")
-    for col in ("pass", "contract", "time", "nodes", "matched", "refused", "max |error|"):
-        table.add_column(col)
-    for p in passes:
-        err = "—" if p.max_abs_error is None else f"{p.max_abs_error:.2e} (tol {p.tolerance:.1e})"
-        table.add_row(p.description, p.contract, f"{p.seconds * 1000:.0f} ms", f"+{p.nodes_added} −{p.nodes_removed}",
-                      str(len(p.matched)), str(len(p.refused)), err)
-    console.print(table)
-    for p in passes:
-        for where, why in p.refused:
-            console.print(f"  [yellow]{p.name} refused[/yellow] {where}: {why}")
 
 
 # -- generate --------------------------------------------------------------------------------------
@@ -190,7 +132,8 @@ def cmd_generate(args) -> int:
     import time
 
     from tokenfx.errors import GenerationError
-    from tokenfx.runtime.generate import generator_for, load_tokenizer
+    from tokenfx.frontends.load import load_tokenizer
+    from tokenfx.runtime.generate import generator_for
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise GenerationError("give exactly one of --prompt TEXT or --prompt-file F")
@@ -213,7 +156,7 @@ def cmd_generate(args) -> int:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
         raise GenerationError("the prompt is empty after tokenization")
-    err = _err_console()
+    err = terminal(stderr=True)
     with err.status("loading the model and building its prefill / decode graphs"):
         gen = generator_for(args.model, compile=False if args.no_compile else True if args.compile else "auto")
     generated: list[int] = []
@@ -286,7 +229,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from tokenfx.demo import run_demo
 
-    return run_demo(args.model, Path(args.out), console=_console(), decoder=not args.no_decoder, compile=not args.no_compile)
+    return run_demo(args.model, Path(args.out), console=terminal(), decoder=not args.no_decoder, compile=not args.no_compile)
 
 
 # -- entry point -----------------------------------------------------------------------------------
@@ -369,10 +312,10 @@ def main(argv=None) -> int:
 
         message = str(exc).strip() or type(exc).__name__
         if isinstance(exc, TokenfxError):
-            _err_console().print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+            terminal(stderr=True).print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
             return 2
         first = message.splitlines()[0]
-        _err_console().print(f"[red]internal error:[/red] {type(exc).__name__}: {first} (run with --debug for the traceback)")
+        terminal(stderr=True).print(f"[red]internal error:[/red] {type(exc).__name__}: {first} (run with --debug for the traceback)")
         return 1
 
 

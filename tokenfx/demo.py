@@ -1,6 +1,6 @@
 """``tokenfx demo``: the main job end to end on the bundled models.
 
-First the decoder (``tokenfx:tiny-code``, :mod:`tokenfx.demo_decode`): KV-cached generation
+First the decoder (``tokenfx:smollm2``, :mod:`tokenfx.demo_decode`): KV-cached generation
 against Hugging Face ``generate``. Then the encoder (pretrained MiniLM):
 
 1. inspect — recover the transformer structure of the real pretrained MiniLM;
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect as pyinspect
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -46,29 +45,17 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def _interleaved_median_ms(fns: dict, repeats: int = 5) -> dict:
-    """Median latency of each callable, timed in turns so background load hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def run_demo(spec: str, out_dir: Path, console, *, decoder: bool = True, compile: bool = True) -> int:
     from rich.table import Table
     from transformers import AutoTokenizer
 
     import tokenfx
     import tokenfx.assets
-    from tokenfx.cli import render_passes, render_structure
+    from tokenfx.demo_timing import interleaved_median_ms
     from tokenfx.frontends.load import load_hf_model
     from tokenfx.frontends.onnx import export_onnx, run_onnxruntime
     from tokenfx.passes.base import PassManager
+    from tokenfx.report import render_passes, render_structure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     decoded = None
@@ -133,8 +120,8 @@ def run_demo(spec: str, out_dir: Path, console, *, decoder: bool = True, compile
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     feeds = {i.name: test_inputs[i.name].numpy() for i in session.get_inputs()}
     with torch.inference_mode():
-        ms = _interleaved_median_ms({"hf": lambda: model(**test_inputs), "fx": lambda: rewritten.module()(**test_inputs),
-                                     "ort": lambda: session.run(None, feeds)})
+        ms = interleaved_median_ms({"hf": lambda: model(**test_inputs), "fx": lambda: rewritten.module()(**test_inputs),
+                                    "ort": lambda: session.run(None, feeds)})
     hf_ms, fx_ms, ort_ms = ms["hf"], ms["fx"], ms["ort"]
     table = Table(show_edge=False, header_style="bold")
     for col in ("runtime", "latency", "vs HF eager"):
@@ -156,8 +143,8 @@ def run_demo(spec: str, out_dir: Path, console, *, decoder: bool = True, compile
         merged = tokenfx.optimize(pooled, "token_merge(ratio=0.125, metric='hidden')")
     with torch.inference_mode():
         full_emb, merged_emb = embedder(**test_inputs), merged.module()(**test_inputs)
-        merge_ms = _interleaved_median_ms({"full": lambda: pooled.module()(**test_inputs),
-                                           "merged": lambda: merged.module()(**test_inputs)})
+        merge_ms = interleaved_median_ms({"full": lambda: pooled.module()(**test_inputs),
+                                          "merged": lambda: merged.module()(**test_inputs)})
     cos_merge = (full_emb * merged_emb).sum(-1)  # both L2-normalised
     console.print(f"sentence-embedding cosine vs unmerged: mean {float(cos_merge.mean()):.4f}, min "
                   f"{float(cos_merge.min()):.4f}; {merge_ms['full']:.1f} → {merge_ms['merged']:.1f} ms "

@@ -51,14 +51,14 @@ def run_decoder_demo(out_dir: Path, console, *, compile: bool = True, new_tokens
                      model_spec: str = "tokenfx:smollm2") -> dict:
     from rich.table import Table
 
-    from tokenfx.demo import _interleaved_median_ms
-    from tokenfx.frontends.load import load_hf_model
+    from tokenfx.demo_timing import interleaved_median_ms
+    from tokenfx.frontends.load import load_hf_model, load_tokenizer, model_dir
     from tokenfx.frontends.onnx import export_onnx, run_onnxruntime
     from tokenfx.ir.kv_layout import example_inputs
-    from tokenfx.runtime.generate import Generator, _model_dir, load_tokenizer
+    from tokenfx.runtime.generate import Generator
 
     console.rule(f"[bold]tokenfx demo · decoding with {model_spec}")
-    directory = _model_dir(model_spec)  # tokenfx:smollm2 converts its GGUF file once (cached)
+    directory = model_dir(model_spec)  # tokenfx:smollm2 converts its GGUF file once (cached)
     model = load_hf_model(directory, dtype=torch.float32)  # Hugging Face's own model: the baseline
     tokenizer = load_tokenizer(model_spec)
     torch.set_num_threads(1)  # the setting the README's numbers use; batch-1 decoding streams weights
@@ -100,7 +100,7 @@ def run_decoder_demo(out_dir: Path, console, *, compile: bool = True, new_tokens
             ref, out, spec = hf(), ours(), recycled()
             identical &= bool(torch.equal(ref, out))
             spec_identical &= bool(torch.equal(spec, out))
-            ms = _interleaved_median_ms({"hf": hf, "fx": ours, "spec": recycled}, repeats=2)
+            ms = interleaved_median_ms({"hf": hf, "fx": ours, "spec": recycled}, repeats=2)
             accepted.append(gen.last_stats["accepted_per_step"])
             hf_total, fx_total, spec_total = hf_total + ms["hf"], fx_total + ms["fx"], spec_total + ms["spec"]
             produced += new_tokens
