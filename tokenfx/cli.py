@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="show the recovered transformer structure (ModelMap)")
-    p.add_argument("model", help="HF directory, .pt2, tokenfx:<name> or package.module:factory")
+    p.add_argument("model", help="HF directory, .pt2, .onnx, tokenfx:<name> or package.module:factory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
 

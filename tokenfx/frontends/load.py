@@ -6,6 +6,7 @@ Accepted specs:
 - a Hugging Face model directory (``config.json`` + ``model.safetensors``);
 - a ``.gguf`` file (llama.cpp's format; dequantized once into an HF directory in the tokenfx cache);
 - a ``.pt2`` file written by ``torch.export.save`` (or ``tokenfx rewrite -o x.pt2``);
+- an ``.onnx`` file (:mod:`tokenfx.frontends.onnx_import`: the same ATen graph, module paths from node scopes);
 - ``package.module:factory`` — ``factory()`` returns an ``nn.Module`` (Hugging Face) or a
   ``(module, example_inputs)`` pair.
 
@@ -49,10 +50,9 @@ def load(spec, example_inputs=None) -> ModelGraph:
     if path.suffix == ".pt2":
         return load_pt2(path)
     if path.suffix == ".onnx":
-        if not path.exists():
-            raise ModelLoadError(f"no such model file: {path}")
-        raise ModelLoadError(f"{path}: importing ONNX graphs for rewriting is not supported yet; "
-                             "pass the PyTorch / Hugging Face model instead")
+        from tokenfx.frontends.onnx_import import import_onnx
+
+        return import_onnx(path)
     if path.is_dir():
         model = load_hf_model(path)
         return capture(model, example_inputs if example_inputs is not None else example_inputs_for(model))
