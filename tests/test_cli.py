@@ -87,7 +87,7 @@ def test_rewrite_pt2(capsys, tmp_path):
     "argv, message",
     [
         (["rewrite", "factories:tiny_bert", "--passes", "fuse_norm,,x"], "position 10"),
-        (["rewrite", "factories:tiny_bert", "--passes", "fuse_nrom"], "valid passes: early_exit, fuse_norm, kv_cache, token_merge, token_prune"),
+        (["rewrite", "factories:tiny_bert", "--passes", "fuse_nrom"], "valid passes: early_exit, fuse_norm, kv_cache, tensor_parallel, token_merge, token_prune, token_shuffle, tree_verify"),
         (["rewrite", "factories:tiny_bert", "--passes", "fuse_norm(bogus=1)"], "valid options: final_norm"),
         (["rewrite", "/no/such/model", "--passes", "fuse_norm"], "no such model file or directory"),
         (["rewrite", "factories:mlp_only", "--passes", "fuse_norm"], "no attention core found"),

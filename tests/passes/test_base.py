@@ -23,6 +23,7 @@ from tokenfx.passes.base import Pass, PassManager, optimize, parse_pipeline, reg
 from tokenfx.passes.early_exit import EarlyExit
 from tokenfx.passes.fuse_norm import FuseNorm
 from tokenfx.passes.kv_cache import KVCache
+from tokenfx.passes.tensor_parallel import TensorParallel
 from tokenfx.passes.token_merge import TokenMerge
 from tokenfx.passes.token_prune import TokenPrune
 from tokenfx.passes.token_shuffle import TokenShuffle
@@ -164,6 +165,7 @@ CASES = {  # every registered pass, on a small graph it applies to
     "kv_cache": lambda: (_decoder()[0], KVCache(mode="decode", logits="all", cache_update="inplace")),
     "tree_verify": lambda: (_decoder()[1], TreeVerify()),
     "early_exit": lambda: (_decoder()[1], EarlyExit(layers=[1])),
+    "tensor_parallel": lambda: (captured("llama")[1], TensorParallel(world_size=2, rank=0)),
 }
 
 

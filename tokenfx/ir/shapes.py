@@ -37,23 +37,32 @@ SIZE_OPS = A._ops(
 ) | {operator.mul, operator.add, operator.sub, operator.floordiv, A.aten.sym_size.int}
 
 
-def propagate(gm: torch.fx.GraphModule) -> None:
+def propagate(gm: torch.fx.GraphModule, before_node=None) -> None:
     """Re-run fake tensors through ``gm`` so every node's ``meta['val']`` is current.
 
     Uses the placeholders' own fake values (and so their symbolic dims and ShapeEnv).
+    ``before_node(node, env)``, when given, is called before each node runs, with ``env`` the
+    new fake values computed so far: a pass that changes a tensor's size mid-graph rewrites the
+    size arguments of later nodes there, from their inputs' new sizes.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fakes = [n.meta.get("val") for n in placeholders]
     fake_mode = next((v.fake_mode for v in fakes if isinstance(v, torch._subclasses.FakeTensor)), None)
     if fake_mode is None:
         return
-    _ParamFakeProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*fakes)
+    _ParamFakeProp(gm, mode=fake_mode, before_node=before_node).propagate_dont_convert_inputs(*fakes)
 
 
 class _ParamFakeProp(FakeTensorProp):
     """FakeTensorProp that fakes parameters reached through get_attr (unlifted graphs)."""
 
+    def __init__(self, gm, mode=None, before_node=None):
+        super().__init__(gm, mode=mode)
+        self.before_node = before_node
+
     def run_node(self, n):
+        if self.before_node is not None:
+            self.before_node(n, self.env)
         if n.op == "call_module":  # export's input guard module: runtime checks only
             result = None
             n.meta["val"] = result

@@ -1,0 +1,307 @@
+"""``tensor_parallel``: each rank's graph, run in a real gloo process group of 2 (and 4) ranks
+spawned on 127.0.0.1, gives the single-rank graph's logits within an fp32 tolerance;
+structure (two all-reduces per block, after o and after down; local weight shapes; which
+kv-heads a rank holds) is checked without a process group; bad input gets one error naming
+the block and the counts.
+
+The spawn harness is bounded: every rank has a process-group timeout, results and errors come
+back through a queue, the first rank error fails the test with that rank's traceback, and
+stragglers (a rank blocked in an all-reduce its peer never joins) are killed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import multiprocessing
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+
+import tokenfx
+from models import gpt2, llama, token_inputs
+from tokenfx.errors import PassOptionError
+from tokenfx.passes.base import PassManager, parse_pipeline, tolerance_for
+from tokenfx.passes.tensor_parallel import ALL_REDUCE, WAIT, TensorParallel
+
+RANK_TIMEOUT_S = 60  # process group + each collective
+GROUP_DEADLINE_S = 150  # a whole spawned group, imports and captures included
+
+# (batch, tokens) the graphs run at: not the capture example, so the dynamic dims are exercised
+RUN_SHAPE = (3, 11)
+
+
+# -- the cases: what every rank builds -------------------------------------------------------------------
+def _build(spec: tuple):
+    """``(graph, inputs)`` in a rank: the .pt2 the parent captured and saved, and the case's inputs
+    (``(path, "mask")``: ids + a right-padding mask; ``(path, vocab)``: ids only)."""
+    path, kind = spec
+    if kind == "mask":
+        return tokenfx.load(path), token_inputs(*RUN_SHAPE, seed=1)
+    ids = torch.randint(0, kind, RUN_SHAPE, generator=torch.Generator().manual_seed(1))
+    return tokenfx.load(path), {"input_ids": ids}
+
+
+def _run(graph, inputs):
+    with torch.no_grad():
+        out = graph.gm(**inputs) if isinstance(inputs, dict) else graph.gm(*inputs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _fail_fast_worker(rank, world):
+    """A harness check: rank 1 raises while rank 0 waits in an all-reduce it never joins."""
+    import torch.distributed as dist
+
+    if rank == 1:
+        raise RuntimeError("rank 1 failed on purpose")
+    dist.all_reduce(torch.ones(1))
+    return {}
+
+
+def _compare_worker(rank, world, cases):
+    """Per case: the single-rank graph's logits and this rank's TP graph's logits, compared here."""
+    out = {}
+    for name, spec in cases:
+        graph, inputs = _build(spec)
+        reference = _run(graph, inputs)
+        (tp,) = parse_pipeline(f"tensor_parallel(world_size={world}, rank={rank})")
+        sharded = PassManager([tp]).run(graph).graph
+        logits = _run(sharded, inputs)
+        error = float((logits - reference).abs().max())
+        out[name] = (error, tolerance_for(reference, "exact"), tuple(logits.shape) == tuple(reference.shape))
+    return out
+
+
+def _entry(rank, world, port, worker, args, results):
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
+        results.put(("ok", rank, worker(rank, world, *args)))
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent, then the rank exits
+        results.put(("error", rank, traceback.format_exc()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(world: int, worker, *args, deadline_s: float = GROUP_DEADLINE_S) -> list:
+    """Run ``worker(rank, world, *args)`` in ``world`` spawned gloo ranks; their results by rank.
+
+    The first rank error raises with that rank's traceback; past ``deadline_s`` it raises too;
+    either way every rank still alive is killed before returning."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, worker, args, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, object] = {}
+    end = time.monotonic() + deadline_s
+    try:
+        while len(got) < world:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"ranks {sorted(set(range(world)) - set(got))} of {world} did not finish "
+                                     f"within {deadline_s} s")
+            try:
+                status, rank, value = results.get(timeout=min(left, 1.0))
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
+                if dead:
+                    raise AssertionError(f"rank {dead[0]} of {world} died (exit code {procs[dead[0]].exitcode}) "
+                                         "without reporting")
+                continue
+            if status == "error":
+                raise AssertionError(f"rank {rank} of {world} failed:\n{value}")
+            got[rank] = value
+        for p in procs:
+            p.join(timeout=10)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    return [got[r] for r in range(world)]
+
+
+@functools.lru_cache(maxsize=None)
+def _compared(world: int, cases: tuple) -> tuple:
+    return tuple(spawn_ranks(world, _compare_worker, cases))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every case captured once here (the random-init Llamas with ``tokenfx.capture``, tiny-code
+    with ``load_decoder`` + its full-sequence capture) and saved as .pt2: ranks load them (a
+    quarter second) instead of each importing transformers and capturing (on this shared 2-core
+    machine that was most of a minute per group)."""
+    from tokenfx.frontends.load import decoder_graph, load_decoder
+    from tokenfx.frontends.onnx import save_pt2
+
+    folder = tmp_path_factory.mktemp("tp")
+    out = {f"llama_h4_kv{kv}": (str(save_pt2(_graph(4, kv), folder / f"llama_h4_kv{kv}.pt2")), "mask")
+           for kv in (2, 1)}
+    tiny = decoder_graph(load_decoder("tokenfx:tiny-code"))
+    out["tiny_code"] = (str(save_pt2(tiny, folder / "tiny_code.pt2")), int(tiny.config.vocab_size))
+    return out
+
+
+# -- numerics in a real process group ------------------------------------------------------------------
+TWO_RANK_CASES = ("llama_h4_kv2",  # kv-heads split across the ranks (one each)
+                  "llama_h4_kv1",  # kv_heads < world size: the one kv-head replicated
+                  "tiny_code")  # trained, 8 heads / 2 kv-heads, 6 blocks, tied head
+
+
+@pytest.mark.parametrize("name", TWO_RANK_CASES)
+def test_two_ranks_give_the_single_rank_logits(name, saved):
+    cases = tuple(sorted(saved.items()))
+    for rank, by_case in enumerate(_compared(2, cases)):
+        error, tol, same_shape = by_case[name]
+        assert same_shape, f"rank {rank}: logits shape changed"
+        assert error <= tol, f"{name} rank {rank}: |tp - single| = {error:.3g} > {tol:.3g}"
+
+
+def test_four_ranks_replicate_the_one_kv_head(saved):
+    """heads 4 / kv_heads 1 on 4 ranks: one q head per rank, every rank holds the kv-head."""
+    results = _compared(4, (("llama_h4_kv1", saved["llama_h4_kv1"]),))
+    for rank, by_case in enumerate(results):
+        error, tol, _ = by_case["llama_h4_kv1"]
+        assert error <= tol, f"rank {rank}: |tp - single| = {error:.3g} > {tol:.3g}"
+
+
+def test_a_failing_rank_fails_the_test_and_the_waiting_rank_is_killed():
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match="rank 1 of 2 failed:(.|\n)*rank 1 failed on purpose"):
+        spawn_ranks(2, _fail_fast_worker, deadline_s=60)
+    assert time.monotonic() - start < 60
+
+
+# -- structure, without a process group -------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _graph(heads: int, kv_heads: int):
+    return tokenfx.capture(llama(layers=2, heads=heads, kv_heads=kv_heads), token_inputs(2, 7))
+
+
+def _weight(graph, projection) -> torch.Tensor:
+    from tokenfx.ir import aten as A
+
+    _, w = A.linear_input_weight(projection)
+    obj = graph.gm
+    for part in A.skip_views(w).target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _reduced_projection(node):
+    """The projection an all_reduce sums (its input)."""
+    return node.args[0]
+
+
+def test_two_all_reduces_per_block_after_o_and_down():
+    graph = _graph(4, 2)
+    sharded = TensorParallel(world_size=2, rank=1).run(graph).graph
+    blocks = sharded.structure.blocks
+    assert sharded.count(ALL_REDUCE) == 2 * len(blocks) == sharded.count(WAIT)
+    for block in blocks:
+        a = block.attention[0]
+        reduced = {_reduced_projection(n) for n in block.nodes if n.target is ALL_REDUCE}
+        assert reduced == {a.o_proj, block.mlp[-1]}, block.name
+        for r in (a.o_proj, block.mlp[-1]):  # the residual add reads the wait, not the partial sum
+            (all_reduce,) = [u for u in r.users if u.target is ALL_REDUCE]
+            (wait,) = all_reduce.users
+            assert wait.target is WAIT and any(u in block.residual_adds for u in wait.users)
+    assert sharded.count(torch.ops.aten.linear.default) == graph.count(torch.ops.aten.linear.default)
+
+
+def test_projection_weights_have_the_local_shapes():
+    graph = _graph(4, 2)  # hidden 32, head_dim 8, MLP width 64
+    sharded = TensorParallel(world_size=2, rank=0).run(graph).graph
+    for block in sharded.structure.blocks:
+        a = block.attention[0]
+        assert (a.heads, a.kv_heads, a.head_dim) == (2, 1, 8)
+        assert _weight(sharded, a.q_proj).shape == (16, 32)
+        assert _weight(sharded, a.k_proj).shape == (8, 32) == _weight(sharded, a.v_proj).shape
+        assert _weight(sharded, a.o_proj).shape == (32, 16)
+        gate, up, down = block.mlp
+        assert _weight(sharded, gate).shape == (32, 32) == _weight(sharded, up).shape
+        assert _weight(sharded, down).shape == (32, 32)
+    # the rank keeps its shards only: the full weights stay with the caller's graph
+    full = sum(p.numel() for p in graph.gm.parameters())
+    assert sum(p.numel() for p in sharded.gm.parameters()) < full
+
+
+@pytest.mark.parametrize("world, kv_heads", [(2, 2), (4, 2), (4, 1)])
+def test_ranks_hold_their_heads_and_share_kv_heads(world, kv_heads):
+    """q rows of the ranks concatenate to the full weight; k rows are the kv-head each rank's
+    q heads read (q head h reads kv head h // (heads / kv_heads))."""
+    graph = _graph(4, kv_heads)
+    a0 = graph.structure.blocks[0].attention[0]
+    full_q, full_k = _weight(graph, a0.q_proj), _weight(graph, a0.k_proj)
+    qs, ks = [], []
+    for rank in range(world):
+        a = TensorParallel(world_size=world, rank=rank).run(graph).graph
+        attn = a.structure.blocks[0].attention[0]
+        qs.append(_weight(a, attn.q_proj))
+        ks.append(_weight(a, attn.k_proj))
+    assert torch.equal(torch.cat(qs), full_q)
+    group, local = 4 // kv_heads, 4 // world
+    for rank, k in enumerate(ks):
+        first_kv = rank * local // group
+        expected = full_k[first_kv * 8:(first_kv * 8 + k.shape[0])]
+        assert k.shape[0] == 8 * max(1, kv_heads // world)
+        assert torch.equal(k, expected), f"rank {rank}"
+
+
+def test_the_rank_graph_exports():
+    graph = _graph(4, 1)
+    sharded = TensorParallel(world_size=2, rank=1).run(graph).graph
+    ep = torch.export.export(sharded.gm, (), dict(graph.example_kwargs), strict=False)
+    targets = [n.target for n in ep.graph.nodes]
+    assert targets.count(ALL_REDUCE) == 4 and targets.count(WAIT) == 4
+
+
+def test_the_pipeline_syntax_reaches_it():
+    (p,) = parse_pipeline("tensor_parallel(world_size=4, rank=3)")
+    assert isinstance(p, TensorParallel) and (p.options.world_size, p.options.rank) == (4, 3)
+    with pytest.raises(PassOptionError, match=r"rank must be in \[0, 2\), got 2"):
+        parse_pipeline("tensor_parallel(world_size=2, rank=2)")
+
+
+def test_world_size_one_leaves_the_graph_unsharded():
+    graph = _graph(4, 2)
+    same = TensorParallel(world_size=1, rank=0).run(graph).graph
+    assert same.count(ALL_REDUCE) == 0
+    assert torch.equal(_run(same, graph.example_kwargs), _run(graph, graph.example_kwargs))
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+def test_heads_not_divisible_name_the_block_and_counts():
+    with pytest.raises(PassOptionError, match=r"block model\.layers\.0 has 4 attention heads, not divisible by "
+                                              r"world_size=3"):
+        TensorParallel(world_size=3, rank=0).run(_graph(4, 2))
+
+
+def test_kv_heads_that_ranks_cannot_share_are_refused():
+    graph = tokenfx.capture(llama(layers=1, heads=6, kv_heads=3), token_inputs(2, 7))
+    with pytest.raises(PassOptionError, match=r"block model\.layers\.0 has 3 kv-heads for world_size=2"):
+        TensorParallel(world_size=2, rank=0).run(graph)
+
+
+def test_gpt2_fused_qkv_is_refused():
+    graph = tokenfx.capture(gpt2(layers=1), token_inputs(2, 7))
+    with pytest.raises(PassOptionError, match=r"block transformer\.h\.0 computes q, k and v with one fused "
+                                              r"projection"):
+        TensorParallel(world_size=2, rank=0).run(graph)

@@ -1,0 +1,431 @@
+"""``tensor_parallel``: one rank's shard of a transformer, Megatron-style, with functional
+all-reduces so the result is still an ordinary exportable graph.
+
+Contract: exact (each rank computes a slice of every block; the all-reduce sums the
+slices, so only the reduction order differs from the single-rank graph).
+
+Before (one block, ``H`` heads, ``KV`` kv-heads, head dim ``D``, MLP width ``I``)::
+
+    q = linear(x, Wq[H·D, C]) ; k = linear(x, Wk[KV·D, C]) ; v = ...
+    a = sdpa(view(q, [B, N, -1, D]) ..., repeat(k, H/KV) ...)       # [B, H, N, D]
+    h = x + linear(reshape(a, [B, N, H·D]), Wo[C, H·D])
+    h = h + linear(silu(linear(n, Wg[I, C])) * linear(n, Wu[I, C]), Wd[C, I])
+
+After, for rank ``r`` of ``W`` (``H' = H/W`` heads, ``KV'`` kv-heads, ``I' = I/W``)::
+
+    q = linear(x, Wq[r·H'·D : (r+1)·H'·D]) ; k = linear(x, Wk[its kv-heads]) ; ...
+    a = sdpa(..., repeat(k, H'/KV') ...)                              # [B, H', N, D]
+    o = wait_tensor(all_reduce(linear(reshape(a, [B, N, H'·D]), Wo[:, r·H'·D : ...]), "sum"))
+    h = x + (o + bo)                                                  # bias after the sum
+    h = h + wait_tensor(all_reduce(linear(silu(...) * ..., Wd[:, r·I' : (r+1)·I']), "sum"))
+
+How, from the ModelMap (no model-family cases):
+
+1. per block, q/k/v and the MLP's input projections are column-parallel (rows of the weight,
+   and of the bias), o and the MLP's output projection row-parallel (columns) followed by
+   ``_c10d_functional.all_reduce`` + ``wait_tensor`` on the default (world) group; a row
+   projection's bias is added once, after the sum;
+2. GQA: rank ``r`` owns q heads ``[r·H', (r+1)·H')``; q head ``h`` reads kv head
+   ``h // (H/KV)``, so with ``KV >= W`` the rank owns ``KV/W`` kv-heads, and with ``KV < W``
+   the ``W/KV`` ranks sharing a kv-head each hold a replica of it;
+3. sizes: the sliced weights change the width of every tensor between the projections;
+   fake tensors are re-propagated and each ``view`` / ``reshape`` / ``expand`` /
+   ``repeat_interleave`` on the way gets sizes re-derived from its input's new size (the head
+   factor of a split width shrinks; a GQA repeat of ``H/KV`` becomes ``H'/KV'``), so no
+   literal is assumed to mean "heads" by family;
+4. the rank's graph holds only what it reads: its shards, the replicated embedding, norms and
+   head (the caller's model and graph are not changed).
+
+Refused with one :class:`PassOptionError` naming the block and counts: heads, kv-heads
+(when neither ``KV % W`` nor ``W % KV`` is 0) or MLP width not divisible by the world size;
+fused QKV projections (GPT-2's ``c_attn``: one weight holding q, k and v, whose head
+slices are not contiguous); MLPs that are not "input projections → one output projection";
+``kv_cache`` graphs (not yet: their cache inputs would have to shrink to the rank's
+kv-heads).
+
+The pass mutates the graph it is handed (a clone: ``Pass.run`` and the PassManager make it).
+It does not need a process group to rewrite; running the result needs one of ``world_size``
+ranks (gloo or NCCL) whose default group is the world.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from fractions import Fraction
+
+import torch
+import torch.fx
+
+from tokenfx.errors import PassOptionError
+from tokenfx.ir import aten as A
+from tokenfx.ir.rewrite import inherit_module_path
+from tokenfx.ir.shapes import propagate
+from tokenfx.passes.base import Pass, PassResult, register
+
+aten = torch.ops.aten
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+WAIT = torch.ops._c10d_functional.wait_tensor.default
+_RESHAPES = A._ops("view", "_unsafe_view", "reshape")
+_REPEATS = A._ops("expand", "repeat_interleave.self_int")
+
+
+@dataclasses.dataclass
+class _Shard:
+    """One projection's slice: ``parallel`` is "column" (output rows ``lo:hi``) or "row"
+    (input columns ``lo:hi``)."""
+
+    node: torch.fx.Node
+    parallel: str
+    lo: int
+    hi: int
+
+
+@register
+class TensorParallel(Pass):
+    """Shard every block's attention (by heads) and MLP (by width) for one rank (exact)."""
+
+    name = "tensor_parallel"
+    contract = "exact"
+
+    @dataclasses.dataclass
+    class Options:
+        world_size: int = 2
+        rank: int = 0
+
+        def __post_init__(self):
+            if self.world_size < 1:
+                raise ValueError(f"world_size must be at least 1, got {self.world_size}")
+            if not 0 <= self.rank < self.world_size:
+                raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+
+    def rewrite(self, graph):
+        """Shard ``graph`` itself (the clone :meth:`Pass.run` or the PassManager hands it)."""
+        if graph.kv is not None:
+            raise PassOptionError("tensor_parallel: kv_cache graphs are not supported yet (their cache inputs "
+                                  "would have to hold the rank's kv-heads only); shard a full-sequence graph")
+        world, rank = self.options.world_size, self.options.rank
+        structure = graph.structure
+        shards: list[_Shard] = []
+        repeats: dict[torch.fx.Node, tuple[int, int]] = {}  # GQA repeat node -> (old factor, new factor)
+        for block in structure.blocks:
+            shards += _attention_shards(block, world, rank, repeats)
+            shards += _mlp_shards(block, world, rank)
+        stats = {"world_size": world, "rank": rank, "blocks": len(structure.blocks)}
+        if world == 1:
+            return PassResult(graph, matched=[], stats=stats)
+
+        gm, g = graph.gm, graph.gm.graph
+        old_shapes = {n: A.shape(n) for n in g.nodes}
+        all_reduces = 0
+        for shard in shards:
+            _slice_weight(gm, shard)
+            if shard.parallel == "row":
+                _reduce_after(gm, shard.node, _group_name())
+                all_reduces += 1
+        try:
+            propagate(gm, before_node=lambda n, env: _rederive_sizes(n, env, old_shapes, repeats))
+        except PassOptionError:
+            raise
+        except Exception as exc:  # a size this pass could not re-derive: name where, not the fake-tensor trace
+            raise PassOptionError(f"tensor_parallel: cannot re-derive the graph's sizes for {world} ranks "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        _rehome(graph)
+        graph.invalidate()
+        stats.update(all_reduces=all_reduces, sharded_projections=len(shards))
+        return PassResult(graph, matched=[b.name for b in structure.blocks], stats=stats)
+
+
+# -- plan --------------------------------------------------------------------------------------------
+def _attention_shards(block, world: int, rank: int, repeats: dict) -> list[_Shard]:
+    if len(block.attention) != 1:
+        raise PassOptionError(f"tensor_parallel: block {block.name} has {len(block.attention)} attention cores; "
+                              "only one per block is supported")
+    a = block.attention[0]
+    heads, kv_heads, d = a.heads, a.kv_heads, a.head_dim
+    projections = (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+    if any(p is None for p in projections):
+        raise PassOptionError(f"tensor_parallel: block {block.name}: attention projections not all found "
+                              "(q, k, v, o)")
+    if a.q_proj is a.k_proj or a.k_proj is a.v_proj:
+        raise PassOptionError(f"tensor_parallel: block {block.name} computes q, k and v with one fused projection "
+                              "(e.g. GPT-2's c_attn); its head slices are not contiguous rows, so head sharding "
+                              "is not supported for it")
+    if heads % world:
+        raise PassOptionError(f"tensor_parallel: block {block.name} has {heads} attention heads, not divisible "
+                              f"by world_size={world}")
+    if kv_heads % world and world % kv_heads:
+        raise PassOptionError(f"tensor_parallel: block {block.name} has {kv_heads} kv-heads for world_size={world}: "
+                              "neither divides the other, so the ranks' q heads would not share whole kv-heads")
+    local = heads // world
+    group = heads // kv_heads  # q heads per kv head (GQA)
+    kv_lo = rank * local // group  # the kv-head of this rank's first q head
+    kv_local = max(1, kv_heads // world)
+    widths = {a.q_proj: heads * d, a.k_proj: kv_heads * d, a.v_proj: kv_heads * d}
+    for p, width in widths.items():
+        if _out_features(p) != width:
+            raise PassOptionError(f"tensor_parallel: block {block.name}: projection {p.name} has "
+                                  f"{_out_features(p)} outputs, not heads × head_dim = {width}")
+    for node in _gqa_repeats(a):
+        repeats[node] = (group, local // kv_local)
+    return [_Shard(a.q_proj, "column", rank * local * d, (rank + 1) * local * d),
+            _Shard(a.k_proj, "column", kv_lo * d, (kv_lo + kv_local) * d),
+            _Shard(a.v_proj, "column", kv_lo * d, (kv_lo + kv_local) * d),
+            _Shard(a.o_proj, "row", rank * local * d, (rank + 1) * local * d)]
+
+
+def _mlp_shards(block, world: int, rank: int) -> list[_Shard]:
+    """The MLP's input projections (gate, up / fc) column-parallel, its one output projection
+    (down / proj: the projection that reads the others) row-parallel."""
+    if not block.mlp:
+        return []
+    mlp = set(block.mlp)
+    reads_mlp = [p for p in block.mlp if A.ancestors(p, 200) & mlp]
+    inputs = [p for p in block.mlp if p not in reads_mlp]
+    if len(reads_mlp) != 1 or not inputs:
+        raise PassOptionError(f"tensor_parallel: block {block.name}: the MLP is not input projections followed by "
+                              f"one output projection ({len(inputs)} inputs, {len(reads_mlp)} reading them)")
+    down = reads_mlp[0]
+    width = _in_features(down)
+    if any(_out_features(p) != width for p in inputs):
+        raise PassOptionError(f"tensor_parallel: block {block.name}: MLP projections disagree on the width "
+                              f"({[_out_features(p) for p in inputs]} vs {width})")
+    if width % world:
+        raise PassOptionError(f"tensor_parallel: block {block.name} has MLP width {width}, not divisible by "
+                              f"world_size={world}")
+    local = width // world
+    lo, hi = rank * local, (rank + 1) * local
+    return [_Shard(p, "column", lo, hi) for p in inputs] + [_Shard(down, "row", lo, hi)]
+
+
+def _gqa_repeats(a) -> list[torch.fx.Node]:
+    """The expand / repeat_interleave nodes between the K/V projections and the core (GQA's
+    head repeat): their factor ``H/KV`` becomes ``H'/KV'`` on a rank."""
+    found = []
+    for proj in (a.k_proj, a.v_proj):
+        frontier, seen = [proj], set()
+        while frontier:
+            n = frontier.pop()
+            for u in n.users:
+                if u in seen or u is a.core:
+                    continue
+                seen.add(u)
+                if u.target in _REPEATS:
+                    found.append(u)
+                frontier.append(u)
+            if len(seen) > 200:
+                break
+    return found
+
+
+# -- weights -----------------------------------------------------------------------------------------
+def _weight_layout(node: torch.fx.Node):
+    """``(weight get_attr node, axis of the weight tensor holding the outputs, bias node)``."""
+    _, w = A.linear_input_weight(node)
+    transposed = w.op == "call_function" and w.target in A._ops("t", "transpose.int", "permute")
+    attr = A.skip_views(w)
+    if attr.op != "get_attr":
+        raise PassOptionError(f"tensor_parallel: projection {node.name} reads a weight that is not a parameter "
+                              "of the graph (a torch.compile graph input?); capture with tokenfx.capture")
+    if node.target is aten.linear.default:
+        out_axis = 1 if transposed else 0
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    else:  # addmm(bias, x, W[in, out]) / mm(x, W[in, out])
+        out_axis = 0 if transposed else 1
+        bias = node.args[0] if node.target is aten.addmm.default else None
+    return attr, out_axis, bias
+
+
+def _out_features(node) -> int:
+    return int(A.shape(node)[-1])
+
+
+def _in_features(node) -> int:
+    return int(A.shape(A.linear_input_weight(node)[0])[-1])
+
+
+def _fetch(gm, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _new_tensor(gm, like: torch.fx.Node, tensor: torch.Tensor, suffix: str) -> torch.fx.Node:
+    """A get_attr of a new parameter at the root of ``gm`` holding ``tensor`` (a copy, so the
+    caller's parameter is neither changed nor kept alive by the shard)."""
+    name = "tp_" + like.target.replace(".", "_") + suffix
+    gm.register_parameter(name, torch.nn.Parameter(tensor.detach().clone().contiguous(), requires_grad=False))
+    with gm.graph.inserting_before(like):
+        node = gm.graph.get_attr(name)
+    node.meta.update({k: v for k, v in like.meta.items() if k != "val"})
+    return node
+
+
+def _slice_weight(gm, shard: _Shard) -> None:
+    node = shard.node
+    attr, out_axis, bias = _weight_layout(node)
+    weight = _fetch(gm, attr.target)
+    axis = out_axis if shard.parallel == "column" else 1 - out_axis
+    new_w = _new_tensor(gm, attr, weight.narrow(axis, shard.lo, shard.hi - shard.lo), f"_{shard.lo}_{shard.hi}")
+    attr.replace_all_uses_with(new_w, delete_user_cb=lambda u: u is node or node in u.users)
+    if shard.parallel == "column" and isinstance(bias, torch.fx.Node):
+        b = _fetch(gm, bias.target)
+        new_b = _new_tensor(gm, bias, b.narrow(-1, shard.lo, shard.hi - shard.lo), f"_{shard.lo}_{shard.hi}")
+        node.replace_input_with(bias, new_b)
+
+
+def _reduce_after(gm, node: torch.fx.Node, group: str) -> None:
+    """``linear(x, W, b)`` → ``wait(all_reduce(linear(x, W), "sum")) + b``: the partial sums of
+    the row shards meet, and the bias is counted once."""
+    g = gm.graph
+    _, _, bias = _weight_layout(node)
+    with g.inserting_before(node):
+        if node.target is aten.linear.default:
+            x, w = A.linear_input_weight(node)
+            partial = g.call_function(aten.linear.default, (x, w))
+        elif node.target is aten.addmm.default:
+            partial = g.call_function(aten.mm.default, tuple(node.args[1:3]))
+        else:
+            partial = g.call_function(node.target, node.args, node.kwargs)
+    with g.inserting_after(partial):
+        reduced = g.call_function(ALL_REDUCE, (partial, "sum", group))
+    with g.inserting_after(reduced):
+        done = g.call_function(WAIT, (reduced,))
+    out = done
+    if isinstance(bias, torch.fx.Node):
+        with g.inserting_after(done):
+            out = g.call_function(aten.add.Tensor, (done, bias))
+    inherit_module_path([n for n in (partial, reduced, done, out)], node)
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+
+
+def _group_name() -> str:
+    """The default (world) group's name: what torch names it when a group is initialised, "0"
+    (its name in every torch this project supports) when the graph is built without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD.group_name
+    return "0"
+
+
+def _rehome(graph) -> None:
+    """A new root module holding only the tensors the graph reads (its shards, not the full
+    weights they came from): torch.fx copies exactly the get_attr targets."""
+    old = graph.gm
+    old.graph.eliminate_dead_code()
+    gm = torch.fx.GraphModule(old, old.graph, class_name=type(old).__name__)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(old, attr):
+            setattr(gm, attr, getattr(old, attr))
+    gm.meta = dict(getattr(old, "meta", {}))
+    graph.gm = gm
+
+
+# -- sizes -------------------------------------------------------------------------------------------
+def _rederive_sizes(node: torch.fx.Node, env: dict, old_shapes: dict, repeats: dict) -> None:
+    """Before ``node`` runs on the new fake values: rewrite its size argument from its input's
+    new shape (reshape / view: the changed group of dims keeps its factorisation with the
+    outermost factor, the heads, shrunk; expand / repeat: GQA's repeat factor re-derived)."""
+    if node.op != "call_function" or node.target not in _RESHAPES | _REPEATS or not isinstance(node.args[0], torch.fx.Node):
+        return
+    x = node.args[0]
+    new_in = getattr(env.get(x), "shape", None)
+    old_in, old_out = old_shapes.get(x), old_shapes.get(node)
+    if new_in is None or old_in is None or old_out is None:
+        return
+    numbers = _Numbers()
+    a, a2, b = numbers.of(old_in), numbers.of(new_in), numbers.of(old_out)
+    if a == a2 and node not in repeats:
+        return
+    if node.target in _RESHAPES:
+        node.args = (x, _reshape_sizes(node, list(node.args[1]), a, a2, b)) + tuple(node.args[2:])
+    elif node.target is aten.expand.default:
+        node.args = (x, _expand_sizes(list(node.args[1]), a, a2, repeats.get(node), new_in)) + tuple(node.args[2:])
+    elif node in repeats and node.args[1] == repeats[node][0]:  # repeat_interleave(x, H/KV, dim)
+        node.args = (x, repeats[node][1]) + tuple(node.args[2:])
+
+
+class _Numbers:
+    """Dims as integers: symbolic dims (B, N) become distinct large primes, so products of dims
+    compare exactly and a symbolic dim never matches a literal."""
+
+    def __init__(self):
+        self.primes: dict = {}
+
+    def of(self, shape) -> list[int]:
+        out = []
+        for d in shape:
+            if isinstance(d, torch.SymInt):
+                expr = d.node.expr
+                for s in sorted(expr.free_symbols, key=str):
+                    self.primes.setdefault(s, _PRIMES[len(self.primes) % len(_PRIMES)])
+                out.append(int(expr.subs(self.primes)))
+            else:
+                out.append(int(d))
+        return out
+
+
+_PRIMES = (1_000_003, 1_000_033, 1_000_037, 1_000_039, 1_000_081, 1_000_099)
+
+
+def _groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Split a reshape ``a → b`` into runs of dims with equal products."""
+    i = j = 0
+    out = []
+    while i < len(a) or j < len(b):
+        gi, go, pa, pb = [], [], 1, 1
+        if i < len(a):
+            gi.append(i)
+            pa, i = pa * a[i], i + 1
+        if j < len(b):
+            go.append(j)
+            pb, j = pb * b[j], j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                gi.append(i)
+                pa, i = pa * a[i], i + 1
+            elif j < len(b):
+                go.append(j)
+                pb, j = pb * b[j], j + 1
+            else:
+                break
+        out.append((gi, go))
+    return out
+
+
+def _reshape_sizes(node, sizes: list, a: list[int], a2: list[int], b: list[int]) -> list:
+    if len(sizes) != len(b):
+        return sizes
+    new = list(sizes)
+    for gi, go in _groups(a, b):
+        before, after = math.prod(a[i] for i in gi), math.prod(a2[i] for i in gi)
+        if before == after or any(isinstance(sizes[j], int) and sizes[j] == -1 for j in go):
+            continue
+        ratio = Fraction(after, before)
+        for j in go:  # head sharding shrinks the outermost factor of a split width (heads of heads × D)
+            if isinstance(sizes[j], int) and sizes[j] != 1 and (sizes[j] * ratio).denominator == 1:
+                new[j] = int(sizes[j] * ratio)
+                break
+        else:
+            raise PassOptionError(f"tensor_parallel: cannot re-derive the sizes {tuple(sizes)} of {node.name} "
+                                  f"for its sharded input (dims {[a[i] for i in gi]} became {[a2[i] for i in gi]})")
+    return new
+
+
+def _expand_sizes(sizes: list, a: list[int], a2: list[int], repeat, new_in) -> list:
+    new = list(sizes)
+    offset = len(sizes) - len(a)
+    for j, size in enumerate(sizes):
+        if not isinstance(size, int) or size == -1:
+            continue
+        i = j - offset
+        if i >= 0 and a[i] == size:  # an existing dim, not broadcast: follows the input
+            if a2[i] != a[i]:
+                new[j] = int(new_in[i])
+        elif repeat is not None and size == repeat[0]:  # GQA's broadcast repeat of each kv head
+            new[j] = repeat[1]
+    return new
