@@ -88,8 +88,12 @@ def cmd_rewrite(args) -> int:
         from tokenfx.codegen.emit import kernel_sources
 
         sources = kernel_sources(report.graph.gm)
+    onnx_check = None
     with console.status(f"writing {out}"):
-        (export_onnx if out.suffix == ".onnx" else save_pt2)(report.graph, out)
+        if args.verify and out.suffix == ".onnx" and str(args.model).endswith(".onnx"):
+            onnx_check = _verify_against_input_onnx(args.model, report, out)  # writes out only if it verifies
+        else:
+            (export_onnx if out.suffix == ".onnx" else save_pt2)(report.graph, out)
     kernels = []
     if kernel_dir is not None:
         from tokenfx.codegen.emit import write_kernels
@@ -99,12 +103,41 @@ def cmd_rewrite(args) -> int:
         "model": str(args.model), "output": str(out), "passes": [pass_json(p) for p in report.passes],
         "kernels": kernels,
     }
+    if onnx_check is not None:
+        summary["onnx_verify"] = dataclasses.asdict(onnx_check)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         render_passes(console, report.passes)
+        if onnx_check is not None:
+            console.print(f"onnxruntime, {out} vs {args.model}: max |error| {onnx_check.max_abs_error:.2e}"
+                          f" (tol {onnx_check.tolerance:.1e}), cosine {onnx_check.cosine:.6f}")
         console.print(f"wrote [bold]{out}[/bold]" + (f" and {len(kernels)} kernel file(s) in {args.emit_kernels}" if kernels else ""))
     return 0
+
+
+def _verify_against_input_onnx(model: str, report, out: Path):
+    """Export to a file beside ``out``, run it and the *input* ONNX file in onnxruntime on the
+    same inputs, and move it onto ``out`` only if it agrees (exact pipelines: within fp32
+    tolerance; approximate ones: finite). A failure is one VerificationError, no output."""
+    from tokenfx.errors import VerificationError
+    from tokenfx.frontends.onnx import export_onnx
+    from tokenfx.frontends.onnx_verify import compare, sample_inputs
+
+    tmp = out.with_name(f".{out.stem}.verify.onnx")
+    try:
+        export_onnx(report.graph, tmp)
+        exact = all(p.contract == "exact" for p in report.passes)
+        check = compare(Path(model), tmp, sample_inputs(report.graph), exact)
+        if not check.verified:
+            bound = f"more than the tolerance {check.tolerance:.3g}" if exact else "not finite"
+            raise VerificationError(f"--verify: in onnxruntime {out.name} differs from {model} by "
+                                    f"{check.max_abs_error:.3g} ({bound}; cosine {check.cosine:.6f})")
+        os.replace(tmp, out)
+        return check
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 # -- generate --------------------------------------------------------------------------------------

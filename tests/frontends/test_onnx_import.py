@@ -89,11 +89,13 @@ def test_import_holds_aten_ops_of_a_captured_model(imported):
     aten = torch.ops.aten
     # MatMul by a weight (+ bias Add) / Gemm became linear; the embedding Gather an embedding
     assert aten.linear.default in ops and aten.embedding.default in ops
-    # matmuls left are activation x activation (attention's two per layer, RoPE's frequencies):
-    # no projection by a weight stays a matmul
+    # the exporters' MatMul-Softmax-MatMul attention is SDPA again, one per layer; matmuls left
+    # are activation x activation (RoPE's frequencies): no projection by a weight stays a matmul
+    assert graph.count(aten.scaled_dot_product_attention) == FAMILIES[name].layers
+    assert not graph.count(aten.softmax) and not graph.count(aten._safe_softmax)
     matmuls = [n for n in graph.graph.nodes if n.op == "call_function" and n.target is aten.matmul.default]
-    assert len(matmuls) >= 2 * FAMILIES[name].layers
     assert not [n for n in matmuls if any(a.op == "get_attr" for a in n.all_input_nodes)]
+    assert {b.attention[0].core_kind for b in graph.structure.blocks} == {"sdpa"}
     per_block, head = {"bert": (6, 0), "llama": (7, 1), "gpt2": (4, 1)}[name]  # q k v o + MLP; lm_head
     assert graph.count(aten.linear) == per_block * FAMILIES[name].layers + head
     params = dict(graph.gm.named_parameters())

@@ -154,7 +154,7 @@ class _Plan:
             nodes.append(_Step(node.op_type, node.name or node.output[0], _scope_of(node), list(node.input),
                                [o for o in node.output], attrs))
         nodes = self._fold(nodes)
-        self.steps = self._fuse(nodes)
+        self.steps = self._fuse_attention(self._fuse(nodes))
         if not any(step.scope for step in self.steps):
             self._scopes_from_weights()
 
@@ -187,7 +187,7 @@ class _Plan:
 
     def _refuse_untranslatable(self, graph) -> None:
         missing = [n for n in graph.node if n.domain not in ("", "ai.onnx") or
-                   (n.op_type != "Constant" and ops.translation(n.op_type) is None)]
+                   (n.op_type != "Constant" and (ops.translation(n.op_type) is None or n.op_type in ops.INTERNAL))]
         if missing:
             first = missing[0]
             domain = first.domain or "ai.onnx"
@@ -306,6 +306,86 @@ class _Plan:
             dropped.add(id(user))
             return dataclasses.replace(step, op_type="Rsqrt", outputs=user.outputs)
         return None
+
+
+    # 4b. the exporters' SDPA decomposition back to one SDPA (after _fuse made SafeSoftmax)
+    def _fuse_attention(self, steps: list[_Step]) -> list[_Step]:
+        """``MatMul(Softmax((q·c₁) @ (kᵀ·c₂) [·c₃] [+ mask]), v)`` → one ``FusedAttention`` step
+        (:func:`onnx_ops._attention`: SDPA with ``scale = c₁c₂c₃``), so the graph holds
+        ``scaled_dot_product_attention`` as a captured model does and passes that rewrite SDPA
+        (token_merge / token_prune's mask, kv_cache) apply. Every intermediate must feed only
+        the next; anything else stays as the exporter wrote it."""
+        producers = {o: s for s in steps for o in s.outputs}
+        users: dict[str, list[_Step]] = {}
+        for s in steps:
+            for name in s.inputs:
+                users.setdefault(name, []).append(s)
+        for name in self.outputs:
+            users.setdefault(name, []).append(None)
+
+        def sole(name: str, op_types) -> _Step | None:
+            """The step making ``name`` when it is of ``op_types`` and ``name`` has one reader."""
+            step = producers.get(name)
+            ok = step is not None and step.op_type in op_types and len(users.get(name, [])) == 1
+            return step if ok else None
+
+        def scalar(name: str) -> float | None:
+            t = self.consts.get(name)
+            return float(t) if t is not None and t.is_floating_point() and t.numel() == 1 else None
+
+        def scaled(name: str, ops_=("Mul",)):
+            """(unscaled input, factor, the Mul/Div step or None) for ``name``."""
+            step = sole(name, ops_)
+            if step is not None and len(step.inputs) == 2:
+                for i in (0, 1):
+                    c = scalar(step.inputs[i])
+                    if c is not None and (step.op_type == "Mul" or i == 1) and step.inputs[1 - i] not in self.consts:
+                        return step.inputs[1 - i], (c if step.op_type == "Mul" else 1.0 / c), step
+            return name, 1.0, None
+
+        replaced: dict[int, _Step] = {}
+        dropped: set[int] = set()
+        for out in steps:
+            if out.op_type != "MatMul":
+                continue
+            softmax = sole(out.inputs[0], ("Softmax", "SafeSoftmax"))
+            if softmax is None or out.inputs[1] in self.consts:
+                continue
+            matched = [softmax]
+            scores, mask = softmax.inputs[0], None
+            add = sole(scores, ("Add",))
+            if add is not None:
+                for i in (0, 1):  # the side that is the (scaled) q·kᵀ MatMul; the other is the mask
+                    if sole(scaled(add.inputs[i], ("Mul", "Div"))[0], ("MatMul",)) is not None:
+                        scores, mask = add.inputs[i], add.inputs[1 - i]
+                        break
+                else:
+                    continue
+                matched.append(add)
+            scores, c3, step3 = scaled(scores, ("Mul", "Div"))
+            qk = sole(scores, ("MatMul",))
+            if qk is None:
+                continue
+            q, c1, step1 = scaled(qk.inputs[0])
+            kt, c2, step2 = scaled(qk.inputs[1])
+            scale = c1 * c2 * c3
+            if not scale > 0 or any(n in self.consts for n in (q, kt)):
+                continue
+            matched += [s for s in (step3, qk, step1, step2) if s is not None]
+            k, k_transposed = kt, True
+            transpose = sole(kt, ("Transpose",))
+            perm = transpose.attrs.get("perm") if transpose is not None else None
+            if perm is not None and len(perm) >= 2:
+                # kᵀ = Transpose(x, perm): k is x permuted with the last two axes swapped
+                replaced[id(transpose)] = dataclasses.replace(
+                    transpose, attrs={**transpose.attrs, "perm": [*perm[:-2], perm[-1], perm[-2]]})
+                k_transposed = False
+            dropped.update(id(s) for s in matched)
+            inputs = [q, k, out.inputs[1]] + ([mask] if mask is not None else [])
+            replaced[id(out)] = dataclasses.replace(out, op_type="FusedAttention", inputs=inputs, attrs={
+                "scale": scale, "k_transposed": k_transposed, "axis": softmax.attrs.get("axis", -1),
+                "safe": softmax.op_type == "SafeSoftmax"})
+        return [replaced.get(id(s), s) for s in steps if id(s) not in dropped]
 
 
 def _owner(name: str) -> str:

@@ -214,6 +214,20 @@ def _isinf(inputs, attrs, opset):
     return torch.isposinf(x) if pos else torch.isneginf(x)
 
 
+@onnx_op("Clip")
+def _clip(inputs, attrs, opset):
+    """``clamp``; bounds are inputs from opset 11 (either may be absent), attributes before."""
+    x = tensor(inputs[0])
+    if opset < 11:
+        low, high = attrs.get("min"), attrs.get("max")
+    else:
+        bounds = [inputs[i] if len(inputs) > i else None for i in (1, 2)]
+        low, high = (None if b is None else _py_scalar(b) if isinstance(b, Small) else tensor(b) for b in bounds)
+    if isinstance(low, torch.Tensor) or isinstance(high, torch.Tensor):
+        return torch.clamp(x, low, high)
+    return torch.clamp(x, min=low, max=high)  # a pooling's clamp(min=1e-9) stays aten.clamp(x, 1e-9)
+
+
 @onnx_op("Identity")
 def _identity(inputs, attrs, opset):
     return inputs[0]
@@ -624,6 +638,31 @@ def _gemm(inputs, attrs, opset):
     return out
 
 
+@onnx_op("FusedAttention")  # not an ONNX op (opset 23's Attention differs): the importer's fusion
+def _attention(inputs, attrs, opset):
+    """The exporters' SDPA decomposition re-formed by the importer (not an ONNX op)::
+
+        p = softmax((q·c₁) @ (kᵀ·c₂) · c₃ + mask) ;  out = p @ v
+          = scaled_dot_product_attention(q, k, v, mask, scale=c₁c₂c₃)
+
+    ``q [B, H, N, D]``, ``k`` as given (``attrs["k_transposed"]``: the exporter's ``kᵀ [B, H, D, S]``),
+    ``v [B, H, S, Dv]``, ``mask`` additive, broadcastable to ``[B, H, N, S]`` (or absent).
+    Exact up to fp32 rounding: SDPA scales q and k by √scale as the exporters' decomposition
+    does. A row whose every score is -inf gives 0 (SDPA / ``_safe_softmax``) where a plain
+    ``Softmax`` gave NaN. Inputs that are not 4-d run the original ops instead."""
+    q, k, v = (tensor(x) for x in inputs[:3])
+    mask = tensor(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+    k = k.transpose(-1, -2) if attrs["k_transposed"] else k
+    axis = attrs.get("axis", -1)
+    fits = q.dim() == k.dim() == v.dim() == 4 and _axis(axis, 4) == 3 and (mask is None or mask.dim() <= 4)
+    if fits and (mask is None or mask.dtype == q.dtype):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attrs["scale"])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * attrs["scale"]
+    scores = scores if mask is None else scores + mask
+    p = torch.ops.aten._safe_softmax(scores, axis) if attrs.get("safe") else torch.softmax(scores, axis)
+    return torch.matmul(p, v)
+
+
 @onnx_op("Einsum")
 def _einsum(inputs, attrs, opset):
     return torch.einsum(attrs["equation"], *(tensor(v) for v in inputs))
@@ -656,4 +695,5 @@ def translation(op_type: str) -> Callable[..., Any] | None:
     return TRANSLATIONS.get(op_type)
 
 
-SUPPORTED = sorted(set(TRANSLATIONS) - {"Linear", "SafeSoftmax"})
+INTERNAL = frozenset({"Linear", "SafeSoftmax", "FusedAttention"})  # patterns the importer fuses, not ONNX ops
+SUPPORTED = sorted(set(TRANSLATIONS) - INTERNAL)
