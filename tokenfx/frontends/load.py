@@ -206,7 +206,8 @@ def load_decoder(spec) -> torch.nn.Module | ModelGraph:
     """The decoder ``spec`` names, as generation runs it: the Hugging Face module (float32, so
     the graphs are built from the model itself, not from a capture at fixed example inputs) when
     the spec is a directory, a bundled name or a ``.gguf`` file; else the graph :func:`load`
-    returns (``.pt2``, ``package.module:factory``)."""
+    returns (``.pt2``, ``.onnx`` — its config, for the vocabulary, positions and stop tokens, from
+    :mod:`tokenfx.frontends.onnx_config` — or ``package.module:factory``)."""
     directory = model_dir(str(spec))
     if directory is not None:
         return load_hf_model(directory, dtype=torch.float32)

@@ -52,6 +52,7 @@ def export_onnx(graph: ModelGraph, path, *, opset: int | None = None, check: boo
         except Exception as exc:
             raise ExportError(f"ONNX export failed: {str(exc).strip().splitlines()[0]}") from exc
         program.save(tmp)
+        _store_config(tmp, graph)
         if check:
             model = onnx.load(tmp)
             try:
@@ -62,6 +63,22 @@ def export_onnx(graph: ModelGraph, path, *, opset: int | None = None, check: boo
             if custom:
                 raise ExportError(f"exported model still has non-standard ops: {custom}")
     return path
+
+
+def _store_config(path: str, graph: ModelGraph) -> None:
+    """Write what decoding needs to know (vocabulary, positions, stop tokens) into the file's
+    metadata, so importing it again (:mod:`tokenfx.frontends.onnx_config`) recovers it."""
+    import onnx
+
+    from tokenfx.frontends.onnx_config import METADATA_KEY, config_metadata
+
+    value = config_metadata(graph.config)
+    if value is None:
+        return
+    model = onnx.load(path)
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != METADATA_KEY]
+    onnx.helper.set_model_props(model, {**dict(kept), METADATA_KEY: value})
+    onnx.save(model, path)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,10 @@ ONNX node (:mod:`tokenfx.frontends.onnx_ops`):
    ``pkg.torch.onnx.name_scopes`` metadata — so the graph's ``nn_module_stack`` carries the
    original module paths and the ModelMap recovers blocks exactly as for the PyTorch model;
 6. trace: ``torch.export`` with the ONNX inputs' symbolic dims as dynamic dims; initializers
-   are parameters (floating point) or buffers of the traced module.
+   are parameters (floating point) or buffers of the traced module;
+7. config: what decoding needs (vocabulary, positions, stop / pad tokens) from the embedding
+   table, HF config files beside the file and its ``tokenfx.config`` metadata
+   (:mod:`tokenfx.frontends.onnx_config`), so ``kv_cache`` and the ``Generator`` run the graph.
 
 Before / after for a TorchScript-exported BERT attention query::
 
@@ -39,6 +42,7 @@ import torch
 
 from tokenfx.errors import ModelLoadError
 from tokenfx.frontends import onnx_ops as ops
+from tokenfx.frontends.onnx_config import imported_config
 from tokenfx.ir.graph import ModelGraph
 
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"
@@ -52,19 +56,21 @@ def import_onnx(model, *, family: str = "onnx") -> ModelGraph:
     names are sanitised) and returns the single output, or a tuple in the ONNX output order.
     Exact: the ATen ops compute what the ONNX nodes compute (fused patterns included; the
     fp32 results match onnxruntime to rounding)."""
-    proto, source = _read(model)
+    proto, source, path = _read(model)
     plan = _Plan(proto, source)
     module = _OnnxModule(plan)
     kwargs, dynamic, module._shared_dims = _example_inputs(plan)
     gm, dynamic = _trace(module, kwargs, dynamic, source)
     family = next((p.value for p in proto.metadata_props if p.key == "tokenfx.family"), family)
-    return ModelGraph(gm, (), kwargs, dynamic, family=family, config=None, source="export")
+    config = imported_config(proto, path)  # vocab, positions, stop tokens: for kv_cache and the Generator
+    return ModelGraph(gm, (), kwargs, dynamic, family=family, config=config, source="export")
 
 
 # -- 1. read ------------------------------------------------------------------------------------------
 def _read(model):
     import onnx
 
+    path = None
     if isinstance(model, onnx.ModelProto):
         proto, source = model, "the ONNX model"
     else:
@@ -83,7 +89,7 @@ def _read(model):
         onnx.checker.check_model(proto)
     except Exception as exc:  # ValidationError; a file cut between protobuf fields still parses
         raise ModelLoadError(f"{source} is not a valid ONNX model (corrupt or truncated?): {_first_line(exc)}") from exc
-    return proto, source
+    return proto, source, path
 
 
 def _load_external_data(proto, path: Path) -> None:
@@ -382,10 +388,27 @@ class _Plan:
                 k_transposed = False
             dropped.update(id(s) for s in matched)
             inputs = [q, k, out.inputs[1]] + ([mask] if mask is not None else [])
+            flat = self._flat_transpose(k, producers) if k_transposed else None
+            if flat is not None:  # the K before the flatten; _attention checks the shapes at trace time
+                inputs = [q, k, out.inputs[1], mask or "", *flat]
             replaced[id(out)] = dataclasses.replace(out, op_type="FusedAttention", inputs=inputs, attrs={
                 "scale": scale, "k_transposed": k_transposed, "axis": softmax.attrs.get("axis", -1),
                 "safe": softmax.op_type == "SafeSoftmax"})
         return [replaced.get(id(s), s) for s in steps if id(s) not in dropped]
+
+    @staticmethod
+    def _flat_transpose(kt: str, producers) -> list[str] | None:
+        """The dynamo exporter writes kᵀ as ``Reshape(Transpose(Reshape(k, [-1, S, D]), [0, 2, 1]),
+        [B, H, D, S])``: ``[k, Reshape(k)]`` for that form (None otherwise), so attention reads
+        ``k`` itself — the K whose GQA repeat ``kv_cache`` sees through — when the shapes agree."""
+        outer = producers.get(kt)
+        transpose = producers.get(outer.inputs[0]) if outer is not None and outer.op_type == "Reshape" else None
+        if transpose is None or transpose.op_type != "Transpose" or transpose.attrs.get("perm") != [0, 2, 1]:
+            return None
+        inner = producers.get(transpose.inputs[0])
+        if inner is None or inner.op_type != "Reshape":
+            return None
+        return [inner.inputs[0], inner.outputs[0]]
 
 
 def _owner(name: str) -> str:

@@ -357,6 +357,8 @@ def _transpose(inputs, attrs, opset):
     if isinstance(x, Small):
         return x
     perm = attrs.get("perm") or list(range(x.dim() - 1, -1, -1))
+    if [_axis(p, x.dim()) for p in perm] == list(range(x.dim())):
+        return x  # the importer's attention fusion leaves kᵀ's Transpose as the identity
     return torch.permute(x, perm)
 
 
@@ -490,8 +492,19 @@ def _slice(inputs, attrs, opset):
     for start, end, axis, step in zip(starts, ends, axes, steps):
         if isinstance(step, int) and step < 0:
             raise DataDependent("Slice with a negative step")
-        index[_axis(axis, x.dim())] = slice(start, end, step)
-    return x[tuple(index)]
+        axis = _axis(axis, x.dim())
+        if not _whole(start, end, step, x.shape[axis]):
+            index[axis] = slice(start, end, step)
+    # a traced x[:, :, None] can reach ONNX as Slice(0, INT64_MAX) per axis: no op at all, so the
+    # graph reads like a captured one (K/V's GQA repeat stays reshape / expand / unsqueeze)
+    return x if all(i == slice(None) for i in index) else x[tuple(index)]
+
+
+def _whole(start, end, step, size) -> bool:
+    """Does ``[start:end:step]`` keep every element of an axis of ``size`` (at every size)?"""
+    if not (isinstance(start, int) and start == 0 and isinstance(step, int) and step == 1):
+        return False
+    return (isinstance(end, int) and end >= 2**31 - 1) or _same_size(end, size)
 
 
 @onnx_op("Gather")
@@ -649,10 +662,15 @@ def _attention(inputs, attrs, opset):
     ``v [B, H, S, Dv]``, ``mask`` additive, broadcastable to ``[B, H, N, S]`` (or absent).
     Exact up to fp32 rounding: SDPA scales q and k by √scale as the exporters' decomposition
     does. A row whose every score is -inf gives 0 (SDPA / ``_safe_softmax``) where a plain
-    ``Softmax`` gave NaN. Inputs that are not 4-d run the original ops instead."""
+    ``Softmax`` gave NaN. Inputs that are not 4-d run the original ops instead. Inputs 4 and 5
+    (the dynamo exporter's kᵀ = reshape(transpose(reshape(k)))): ``k`` and its 3-d flattening;
+    attention reads ``k`` when :func:`_flattened_kt` confirms the shapes."""
     q, k, v = (tensor(x) for x in inputs[:3])
     mask = tensor(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
-    k = k.transpose(-1, -2) if attrs["k_transposed"] else k
+    if attrs["k_transposed"] and len(inputs) > 5 and _flattened_kt(k, tensor(inputs[4]), tensor(inputs[5])):
+        k = tensor(inputs[4])  # kᵀ was k flattened, transposed and reshaped back: k itself
+    elif attrs["k_transposed"]:
+        k = k.transpose(-1, -2)
     axis = attrs.get("axis", -1)
     fits = q.dim() == k.dim() == v.dim() == 4 and _axis(axis, 4) == 3 and (mask is None or mask.dim() <= 4)
     if fits and (mask is None or mask.dtype == q.dtype):
@@ -661,6 +679,17 @@ def _attention(inputs, attrs, opset):
     scores = scores if mask is None else scores + mask
     p = torch.ops.aten._safe_softmax(scores, axis) if attrs.get("safe") else torch.softmax(scores, axis)
     return torch.matmul(p, v)
+
+
+def _flattened_kt(kt, k, flat) -> bool:
+    """Is ``kt [*lead, D, S]`` the transpose of ``k [*lead, S, D]`` through ``flat [X, S, D]``
+    (a reshape that merged only the leading dims, then ``Transpose([0, 2, 1])``, then a reshape
+    back to ``k``'s leading dims)?"""
+    if not (k.dim() == kt.dim() >= 3 and flat.dim() == 3):
+        return False
+    same = [(flat.shape[1], k.shape[-2]), (flat.shape[2], k.shape[-1]), (kt.shape[-1], k.shape[-2]),
+            (kt.shape[-2], k.shape[-1])] + list(zip(kt.shape[:-2], k.shape[:-2]))
+    return all(_same_size(a, b) for a, b in same)
 
 
 @onnx_op("Einsum")
