@@ -16,10 +16,11 @@ import torch
 import tokenfx
 from models import captured, gpt2, image_inputs, llama, token_inputs, vit
 from test_token_merge import embedder
-from tokenfx.errors import PassDefinitionError, PassOptionError, PipelineSyntaxError, UnknownPassError
+from tokenfx.errors import PassDefinitionError, PassOptionError, PipelineSyntaxError, UnknownPassError, VerificationError
 from tokenfx.frontends.load import decoder_graph
 from tokenfx.ir.token_reduction import ReductionOptions
-from tokenfx.passes.base import Pass, PassManager, optimize, parse_pipeline, register, registered_passes
+from tokenfx.passes.base import (Pass, PassManager, PassResult, optimize, parse_pipeline, register, registered_passes,
+                                 tolerance_for)
 from tokenfx.passes.early_exit import EarlyExit
 from tokenfx.passes.fuse_norm import FuseNorm
 from tokenfx.passes.kv_cache import KVCache
@@ -206,3 +207,36 @@ def test_optimize_at_the_entry_captures_a_module():
 def test_passes_optimize_takes_only_a_graph():
     with pytest.raises(PassOptionError, match="capture the model first"):
         optimize(gpt2(), "fuse_norm")
+
+
+def test_an_exact_tolerance_grows_with_depth():
+    out = torch.full((2, 3), 4.0)
+    one = tolerance_for(out, "exact")
+    assert one == pytest.approx(64 * torch.finfo(torch.float32).eps * 4.0)
+    assert tolerance_for(out, "exact", depth=6) == pytest.approx(6 * one)
+
+
+class _Skew(Pass):
+    """Claims exactness but scales the first residual add by 1 + 1e-4 (a wrong rewrite)."""
+
+    name = "skew"
+    contract = "exact"
+
+    @dataclasses.dataclass
+    class Options:
+        pass
+
+    def rewrite(self, graph):
+        g = graph.gm.graph
+        add = next(n for n in g.nodes if n.op == "call_function" and n.target is torch.ops.aten.add.Tensor)
+        with g.inserting_after(add):
+            scaled = g.call_function(torch.ops.aten.mul.Tensor, (add, 1.0 + 1e-4))
+        add.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        graph.invalidate()
+        return PassResult(graph, ["first add"], [], {})
+
+
+def test_verification_still_catches_a_small_error_in_a_deep_graph():
+    _, graph = captured("llama")
+    with pytest.raises(VerificationError, match="skew .exact. changed the output"):
+        PassManager([_Skew()], verify=True).run(graph)
