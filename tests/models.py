@@ -237,3 +237,24 @@ def left_pad(rows: list[torch.Tensor], seed: int = 0):
         ids[i, width - r.numel():] = r
         mask[i, width - r.numel():] = 1
     return ids, mask
+
+
+def export_onnx_file(module, example: dict, path, exporter: str, opset: int, *, outputs=("out",), max_tokens: int = 64):
+    """Write ``module`` (called with ``example``'s keyword tensors, each ``[batch, tokens]``) to
+    ``path`` with torch's ``dynamo`` or ``torchscript`` ONNX exporter, batch and tokens dynamic:
+    the files the ONNX-import tests start from, as a user's exporter would write them."""
+    import logging
+    import warnings
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=max_tokens)
+            torch.onnx.export(module, (), str(path), kwargs=example, dynamo=True, opset_version=opset, verbose=False,
+                              dynamic_shapes={k: {0: batch, 1: tokens} for k in example})
+        else:
+            torch.onnx.export(module, tuple(example.values()), str(path), dynamo=False, opset_version=opset,
+                              input_names=list(example), output_names=list(outputs),
+                              dynamic_axes={k: {0: "batch", 1: "tokens"} for k in [*example, *outputs]})
+    return path

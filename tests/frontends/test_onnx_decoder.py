@@ -10,16 +10,14 @@ and have the same layout. A file that does not state its positions is refused na
 
 from __future__ import annotations
 
-import logging
 import shutil
-import warnings
 
 import pytest
 import torch
 
 import onnx
 import tokenfx
-from models import held_out_code_prompts, left_pad
+from models import export_onnx_file, held_out_code_prompts, left_pad
 from tokenfx import assets
 from tokenfx.errors import PassOptionError
 from tokenfx.frontends.load import decoder_graph, load_decoder, load_tokenizer
@@ -47,20 +45,9 @@ class _Logits(torch.nn.Module):
 
 
 def _export(model, exporter: str, opset: int, path):
-    module = _Logits(model).eval()
     ids = torch.randint(2, 4000, (2, 7), generator=torch.Generator().manual_seed(0))
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            dims = {"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens", max=2048)}}
-            torch.onnx.export(module, (ids,), str(path), dynamo=True, opset_version=opset, verbose=False,
-                              dynamic_shapes=dims)
-        else:
-            torch.onnx.export(module, (ids,), str(path), dynamo=False, opset_version=opset, input_names=["input_ids"],
-                              output_names=["logits"], dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
-                                                                     "logits": {0: "batch", 1: "tokens"}})
-    return path
+    return export_onnx_file(_Logits(model).eval(), {"input_ids": ids}, path, exporter, opset, outputs=("logits",),
+                            max_tokens=2048)
 
 
 @pytest.fixture(scope="module")

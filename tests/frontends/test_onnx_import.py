@@ -6,8 +6,6 @@ captured PyTorch model. Bad files get one clear ModelLoadError."""
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ import torch
 import onnx  # dev dependencies: a missing one must fail the suite, not skip it
 import onnxruntime  # noqa: F401
 import tokenfx
-from models import FAMILIES, captured, token_inputs
+from models import FAMILIES, captured, export_onnx_file, token_inputs
 from tokenfx.errors import ModelLoadError
 from tokenfx.frontends import hf
 from tokenfx.frontends.onnx import run_onnxruntime
@@ -36,21 +34,8 @@ ROUND_TRIP = [("bert", "torchscript", 17), ("llama", "dynamo", 20)]  # once per 
 
 
 def _export(name: str, exporter: str, opset: int, path):
-    model = FAMILIES[name].model()
-    example = token_inputs(2, 7)
-    module = hf.wrap(model, list(example)).eval()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=64)
-            torch.onnx.export(module, (), str(path), kwargs=example, dynamo=True, opset_version=opset, verbose=False,
-                              dynamic_shapes={k: {0: batch, 1: tokens} for k in example})
-        else:
-            torch.onnx.export(module, tuple(example.values()), str(path), dynamo=False, opset_version=opset,
-                              input_names=list(example), output_names=["out"],
-                              dynamic_axes={k: {0: "batch", 1: "tokens"} for k in [*example, "out"]})
-    return path
+    module = hf.wrap(FAMILIES[name].model(), list(token_inputs(2, 7))).eval()
+    return export_onnx_file(module, token_inputs(2, 7), path, exporter, opset)
 
 
 _IMPORTED: dict = {}

@@ -6,9 +6,7 @@ captured PyTorch model. ``tokenfx rewrite x.onnx --verify`` checks against the i
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ import torch
 import onnx
 import onnxruntime as ort
 import tokenfx
-from models import bert, token_inputs
+from models import bert, export_onnx_file, token_inputs
 from tokenfx.frontends.hf import SentenceEmbedder
 from tokenfx.frontends.onnx import run_onnxruntime
 from tokenfx.frontends.onnx_import import import_onnx
@@ -38,19 +36,7 @@ CASES = [([13, 6, 9], 13, 13), ([17, 17], 17, 17)]
 
 
 def export_embedder(model, path, exporter: str, opset: int):
-    example = token_inputs(2, 9)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=64)
-            torch.onnx.export(model, (), str(path), kwargs=example, dynamo=True, opset_version=opset, verbose=False,
-                              dynamic_shapes={k: {0: batch, 1: tokens} for k in example})
-        else:
-            torch.onnx.export(model, tuple(example.values()), str(path), dynamo=False, opset_version=opset,
-                              input_names=list(example), output_names=["embedding"],
-                              dynamic_axes={k: {0: "batch", 1: "tokens"} for k in example})
-    return path
+    return export_onnx_file(model, token_inputs(2, 9), path, exporter, opset, outputs=("embedding",))
 
 
 _CACHE: dict = {}

@@ -223,14 +223,20 @@ class _Plan:
             kept.append(step)
         return kept
 
-    # 4. fusions that give the graph a captured model's ops
-    def _fuse(self, nodes: list[_Step]) -> list[_Step]:
-        users: dict[str, list[_Step]] = {}
-        for step in nodes:
+    def _users(self, steps: list[_Step]) -> dict[str, list[_Step | None]]:
+        """Each value's readers among ``steps`` (``None`` for a graph output): what a fusion checks
+        before it folds an intermediate away."""
+        users: dict[str, list[_Step | None]] = {}
+        for step in steps:
             for name in step.inputs:
                 users.setdefault(name, []).append(step)
         for name in self.outputs:
             users.setdefault(name, []).append(None)
+        return users
+
+    # 4. fusions that give the graph a captured model's ops
+    def _fuse(self, nodes: list[_Step]) -> list[_Step]:
+        users = self._users(nodes)
         dropped: set[int] = set()
         out = []
         for step in nodes:
@@ -322,12 +328,7 @@ class _Plan:
         (token_merge / token_prune's mask, kv_cache) apply. Every intermediate must feed only
         the next; anything else stays as the exporter wrote it."""
         producers = {o: s for s in steps for o in s.outputs}
-        users: dict[str, list[_Step]] = {}
-        for s in steps:
-            for name in s.inputs:
-                users.setdefault(name, []).append(s)
-        for name in self.outputs:
-            users.setdefault(name, []).append(None)
+        users = self._users(steps)
 
         def sole(name: str, op_types) -> _Step | None:
             """The step making ``name`` when it is of ``op_types`` and ``name`` has one reader."""
