@@ -161,7 +161,8 @@ def test_verify_report():
     assert p.max_abs_error is not None and p.tolerance is not None
     assert p.max_abs_error <= p.tolerance
     reference = graph.run_example()
-    assert p.tolerance <= tolerance(reference, 64) * 1.0001  # exact contract: a few ulps, not more
+    blocks = len(graph.structure.blocks)  # the bound carries a reordering through every later block
+    assert p.tolerance <= tolerance(reference, 64 * blocks) * 1.0001  # exact contract: a few ulps per block, not more
     assert p.verified is True
 
 
