@@ -239,9 +239,11 @@ def left_pad(rows: list[torch.Tensor], seed: int = 0):
     return ids, mask
 
 
-def export_onnx_file(module, example: dict, path, exporter: str, opset: int, *, outputs=("out",), max_tokens: int = 64):
+def export_onnx_file(module, example: dict, path, exporter: str, opset: int, *, outputs=("out",), max_tokens: int = 64,
+                     tokens_dynamic: bool = True):
     """Write ``module`` (called with ``example``'s keyword tensors, each ``[batch, tokens]``) to
-    ``path`` with torch's ``dynamo`` or ``torchscript`` ONNX exporter, batch and tokens dynamic:
+    ``path`` with torch's ``dynamo`` or ``torchscript`` ONNX exporter, batch and tokens dynamic
+    (only batch with ``tokens_dynamic=False``: images, whose token count the image size fixes):
     the files the ONNX-import tests start from, as a user's exporter would write them."""
     import logging
     import warnings
@@ -252,9 +254,10 @@ def export_onnx_file(module, example: dict, path, exporter: str, opset: int, *, 
         if exporter == "dynamo":
             batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens", max=max_tokens)
             torch.onnx.export(module, (), str(path), kwargs=example, dynamo=True, opset_version=opset, verbose=False,
-                              dynamic_shapes={k: {0: batch, 1: tokens} for k in example})
+                              dynamic_shapes={k: {0: batch, 1: tokens} if tokens_dynamic else {0: batch} for k in example})
         else:
             torch.onnx.export(module, tuple(example.values()), str(path), dynamo=False, opset_version=opset,
                               input_names=list(example), output_names=list(outputs),
-                              dynamic_axes={k: {0: "batch", 1: "tokens"} for k in [*example, *outputs]})
+                              dynamic_axes={k: {0: "batch", 1: "tokens"} if tokens_dynamic else {0: "batch"}
+                                            for k in [*example, *outputs]})
     return path

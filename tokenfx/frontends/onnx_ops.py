@@ -651,6 +651,35 @@ def _gemm(inputs, attrs, opset):
     return out
 
 
+@onnx_op("Conv")
+def _conv(inputs, attrs, opset):
+    """N-d convolution (ViT's patch embedding, audio front ends): ``x [B, C, *S]``, ``w [M, C/group, *K]``.
+
+    ``pads`` are ONNX's ``[x1_begin, x2_begin, …, x1_end, x2_end, …]``; symmetric pads go to
+    the convolution, asymmetric ones to an explicit ``F.pad`` first. ``auto_pad`` other than
+    ``NOTSET`` / ``VALID`` (the SAME_* forms) is refused by name: exporters of the families
+    tokenfx maps write explicit pads."""
+    x, weight = tensor(inputs[0]), tensor(inputs[1])
+    bias = tensor(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else None
+    dims = weight.dim() - 2
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise NotImplementedError(f"Conv with auto_pad={auto_pad} (only explicit pads are translated)")
+    pads = [0] * (2 * dims) if auto_pad == "VALID" else list(attrs.get("pads", [0] * (2 * dims)))
+    begin, end = pads[:dims], pads[dims:]
+    if begin != end:
+        # F.pad lists the last dim first: (last_begin, last_end, …, first_begin, first_end)
+        x = F.pad(x, [p for d in reversed(range(dims)) for p in (begin[d], end[d])])
+        begin = [0] * dims
+    strides = list(attrs.get("strides", [1] * dims))
+    dilations = list(attrs.get("dilations", [1] * dims))
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}.get(dims)
+    if conv is None:
+        raise NotImplementedError(f"Conv over {dims} spatial dims")
+    return conv(x, weight, bias, stride=strides, padding=begin, dilation=dilations, groups=attrs.get("group", 1))
+
+
 @onnx_op("FusedAttention")  # not an ONNX op (opset 23's Attention differs): the importer's fusion
 def _attention(inputs, attrs, opset):
     """The exporters' SDPA decomposition re-formed by the importer (not an ONNX op)::
