@@ -8,7 +8,7 @@
 #   OUT=/some/dir bash benchmarks/run_gpu.sh --quick    # any kernels_gpu.py arguments pass through
 #
 # Writes $OUT/kernels_gpu.json, $OUT/kernels_gpu.png (when matplotlib is installed) and
-# $OUT/kernels_gpu.log (default OUT: benchmarks/results). Exit code: kernels_gpu.py's (0 all
+# $OUT/kernels_gpu.log (default OUT: benchmarks/results), then $OUT/tensor_parallel_fused_op.json / .log. Exit code: kernels_gpu.py's (0 all
 # checks passed, 1 a check failed, 2 no CUDA device), or 1 when a required module is missing.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -71,4 +71,11 @@ rc=$?
 rc=${PIPESTATUS[0]}
 # kernels_gpu.py writes the plot beside the JSON, so it is in $OUT already.
 if [ -f "$OUT/kernels_gpu.png" ]; then echo "run_gpu: plot at $OUT/kernels_gpu.png"; else echo "run_gpu: no plot (see the log)"; fi
+
+# tokenfx::allreduce_add_norm on this one GPU at world size 1 (a one-rank NCCL group): NCCL all-reduce + the
+# add_norm Triton kernel against the NCCL-free references (add_norm's torch reference and Triton kernel).
+quick=""; for a in "$@"; do [ "$a" = "--quick" ] && quick="--quick"; done
+"$PYTHON" benchmarks/tensor_parallel.py --fused-op cuda --out "$OUT" $quick 2>&1 | tee "$OUT/tensor_parallel_fused_op.log"
+fused_rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] && rc=$fused_rc
 exit "$rc"

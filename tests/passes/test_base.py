@@ -24,6 +24,7 @@ from tokenfx.passes.base import (Pass, PassManager, PassResult, optimize, parse_
 from tokenfx.passes.early_exit import EarlyExit
 from tokenfx.passes.fuse_norm import FuseNorm
 from tokenfx.passes.kv_cache import KVCache
+from tokenfx.passes.split_overlap import SplitOverlap
 from tokenfx.passes.tensor_parallel import TensorParallel
 from tokenfx.passes.token_merge import TokenMerge
 from tokenfx.passes.token_prune import TokenPrune
@@ -167,6 +168,8 @@ CASES = {  # every registered pass, on a small graph it applies to
     "tree_verify": lambda: (_decoder()[1], TreeVerify()),
     "early_exit": lambda: (_decoder()[1], EarlyExit(layers=[1])),
     "tensor_parallel": lambda: (captured("llama")[1], TensorParallel(world_size=2, rank=0)),
+    "split_overlap": lambda: (TensorParallel(world_size=2, rank=0).run(captured("llama")[1]).graph,
+                              SplitOverlap(min_tokens=4)),
 }
 
 

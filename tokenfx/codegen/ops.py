@@ -28,7 +28,8 @@ class OpSpec:
 
 
 _OPS: dict[str, OpSpec] = {}
-_OP_MODULES = ("tokenfx.codegen.add_norm", "tokenfx.codegen.tree_attention", "tokenfx.codegen.token_reduce")
+_OP_MODULES = ("tokenfx.codegen.add_norm", "tokenfx.codegen.tree_attention", "tokenfx.codegen.token_reduce",
+               "tokenfx.codegen.allreduce_add_norm")
 
 
 def register_op(name: str, *, op, reference: Callable, triton_module: str, onnx_translation: str) -> None:

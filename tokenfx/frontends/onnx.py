@@ -40,6 +40,9 @@ def export_onnx(graph: ModelGraph, path, *, opset: int | None = None, check: boo
     from tokenfx.codegen.ops import onnx_translation_table
 
     path = _checked_output(path, ".onnx", "ONNX output")
+    from tokenfx.codegen.allreduce_add_norm import refuse_collectives
+
+    refuse_collectives(graph.gm)  # a tensor-parallel graph: ONNX has no collectives, refused with that reason
     ep = reexport(graph)
     with _atomic(path) as tmp:
         kwargs = {"opset_version": opset} if opset else {}

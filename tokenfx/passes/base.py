@@ -81,7 +81,7 @@ _REGISTRY: dict[str, type[Pass]] = {}
 _PASS_MODULES = ("tokenfx.passes.fuse_norm", "tokenfx.passes.kv_cache", "tokenfx.passes.tree_verify",
                   "tokenfx.passes.early_exit", "tokenfx.passes.token_merge",
                   "tokenfx.passes.token_prune", "tokenfx.passes.token_shuffle",
-                  "tokenfx.passes.tensor_parallel")
+                  "tokenfx.passes.tensor_parallel", "tokenfx.passes.split_overlap")
 
 
 def register(cls: type[Pass]) -> type[Pass]:
