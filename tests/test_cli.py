@@ -87,7 +87,7 @@ def test_rewrite_pt2(capsys, tmp_path):
     "argv, message",
     [
         (["rewrite", "factories:tiny_bert", "--passes", "fuse_norm,,x"], "position 10"),
-        (["rewrite", "factories:tiny_bert", "--passes", "fuse_nrom"], "valid passes: early_exit, fuse_norm, kv_cache, tensor_parallel, token_merge, token_prune, token_shuffle, tree_verify"),
+        (["rewrite", "factories:tiny_bert", "--passes", "fuse_nrom"], "valid passes: early_exit, fuse_norm, kv_cache, split_overlap, tensor_parallel, token_merge, token_prune, token_shuffle, tree_verify"),
         (["rewrite", "factories:tiny_bert", "--passes", "fuse_norm(bogus=1)"], "valid options: final_norm"),
         (["rewrite", "/no/such/model", "--passes", "fuse_norm"], "no such model file or directory"),
         (["rewrite", "factories:mlp_only", "--passes", "fuse_norm"], "no attention core found"),
@@ -229,3 +229,107 @@ def test_generate_with_an_adapter_the_model_lacks_is_one_line_and_prints_nothing
                          "--no-compile", "--speculate", "self:adapter")
     assert code == 2 and out == ""
     assert "no exit adapter is trained for this model" in err and "Traceback" not in err
+
+
+# -- generate --diffusion (masked-diffusion LMs) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def dllm_dir(tmp_path_factory):
+    """A tiny random-init masked-diffusion LM directory: tiny-code's tokenizer plus ``<|mask|>``
+    (id 4096), a one-block Llama with ``is_causal: false`` and ``mask_token_id`` in its config."""
+    import torch
+    import transformers
+
+    from tokenfx import assets
+
+    directory = tmp_path_factory.mktemp("dllm")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(assets.path("tiny-code"))
+    tokenizer.add_special_tokens({"mask_token": "<|mask|>"})
+    tokenizer.save_pretrained(directory)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64, attn_implementation="sdpa")
+    config.is_causal = False
+    config.mask_token_id = tokenizer.mask_token_id
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return str(directory)
+
+
+def test_generate_diffusion_json_matches_the_library(capsys, dllm_dir):
+    code, out, err = run(capsys, "generate", dllm_dir, "--prompt", "def parse(line):", "--max-new-tokens", "8",
+                         "--diffusion", "vanilla", "--no-cache", "--block-length", "4", "--no-compile", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert {"text", "token_ids", "new_tokens", "rounds", "seconds", "tokens_per_s"} <= set(data)
+    assert data["new_tokens"] == len(data["token_ids"]) == 8 and data["rounds"] == 8  # one token per round
+    assert (data["cache"], data["approximate"]) == ("none", False)
+    import tokenfx
+    from tokenfx.frontends.load import load_tokenizer
+
+    ids = load_tokenizer(dllm_dir)("def parse(line):", return_tensors="pt")["input_ids"]
+    expected = tokenfx.diffuse(dllm_dir, ids, gen_length=8, block_length=4, compile=False).sequences
+    assert data["token_ids"] == expected[0, ids.shape[1]:].tolist()
+
+
+def test_generate_diffusion_with_the_cache_is_marked_approximate(capsys, dllm_dir):
+    code, out, err = run(capsys, "generate", dllm_dir, "--prompt", "import os", "--max-new-tokens", "8",
+                         "--diffusion", "threshold", "--block-length", "4", "--no-compile")
+    assert code == 0, err
+    assert out.startswith("import os")
+    assert "APPROXIMATE: dual K/V cache" in " ".join(err.split())
+
+
+def test_cli_diffusion_names_are_the_policies():
+    from tokenfx.cli import DIFFUSION_POLICIES
+    from tokenfx.runtime.unmasking import POLICIES
+
+    assert set(DIFFUSION_POLICIES) == set(POLICIES)  # every --diffusion choice builds a policy
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "x", "--max-new-tokens", "4"], "is a masked-diffusion LM (config is_causal: false, mask_token_id 4096)"),
+    (["--prompt", "x", "--max-new-tokens", "6", "--diffusion", "vanilla", "--block-length", "4"],
+     "gen_length 6 is not a multiple of block_length 4"),
+    (["--prompt", "x", "--diffusion", "vanilla", "--speculate", "recycling"], "--speculate do(es) not combine"),
+])
+def test_generate_diffusion_bad_input_is_one_line_exit_2(capsys, dllm_dir, argv, message):
+    code, out, err = run(capsys, "generate", dllm_dir, *argv)
+    assert code == 2 and out == ""
+    assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--diffusion", "vanilla"], "tokenfx:tiny-code is an autoregressive (causal) LM, not a masked-diffusion LM"),
+    (["--no-cache"], "--no-cache and --block-length need --diffusion"),
+])
+def test_diffusion_options_on_an_autoregressive_model(capsys, argv, message):
+    code, out, err = run(capsys, "generate", "tokenfx:tiny-code", "--prompt", "x", *argv)
+    assert code == 2 and out == ""
+    assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_generate_tp_2_starts_two_ranks_and_matches_one_process(capfd):
+    """``--tp 2`` launches two gloo ranks itself; rank 0 prints the JSON (the spawned ranks write to
+    the process's stdout, hence capfd), and its tokens are the one-process greedy tokens."""
+    prompt = "def parse(line):\n    "
+    code = main(["generate", "tokenfx:tiny-code", "--prompt", prompt, "--max-new-tokens", "4", "--json", "--tp", "2",
+                 "--no-compile"])
+    out, _ = capfd.readouterr()
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, out  # one rank speaks
+    import tokenfx
+    from tokenfx.frontends.load import load_tokenizer
+
+    ids = load_tokenizer("tokenfx:tiny-code")(prompt, return_tensors="pt")["input_ids"]
+    expected = tokenfx.generate("tokenfx:tiny-code", ids, max_new_tokens=4)[0, ids.shape[1]:].tolist()
+    assert json.loads(lines[0])["token_ids"] == expected
+
+
+def test_generate_tp_larger_than_the_cores_is_one_line_exit_2(capsys):
+    from tokenfx.runtime.tensor_parallel import usable_cores
+
+    tp = usable_cores() + 1
+    code, out, err = run(capsys, "generate", "tokenfx:tiny-code", "--prompt", "x", "--tp", str(tp), "--no-compile")
+    assert code == 2 and out == ""
+    assert f"--tp {tp} on CPU needs at least {tp} cores (one per rank)" in err and len(err.strip().splitlines()) == 1

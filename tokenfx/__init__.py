@@ -10,14 +10,15 @@ Public API::
     tokenfx.load("tokenfx:minilm")                   # HF dir, .pt2, .onnx, bundled name, module:factory
     tokenfx.generate("tokenfx:smollm2", ids, max_new_tokens=32)     # KV-cached decoding, HF semantics, compiled
     tokenfx.load_tokenizer("tokenfx:smollm2")                      # its tokenizer (left padding, chat template)
+    tokenfx.diffuse("tokenfx:tiny-code-dllm", ids, gen_length=64, block_length=32)  # masked-diffusion LMs
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "optimize", "export_onnx", "load", "load_tokenizer", "generate", "Generator", "assets", "ModelGraph",
-           "__version__"]
+__all__ = ["capture", "optimize", "export_onnx", "load", "load_tokenizer", "generate", "Generator", "diffuse", "assets",
+           "ModelGraph", "__version__"]
 
 
 def optimize(model_or_graph, pipeline, *, example_inputs=None, verify: bool = False):
@@ -60,6 +61,10 @@ def __getattr__(name):  # keep ``import tokenfx`` fast: torch-heavy modules load
         from tokenfx.runtime import generate as _generate
 
         return getattr(_generate, name)
+    if name == "diffuse":
+        from tokenfx.runtime.diffusion import diffuse
+
+        return diffuse
     if name == "assets":
         import tokenfx.assets as assets
 

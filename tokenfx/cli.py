@@ -5,6 +5,8 @@
     tokenfx rewrite MODEL --passes P -o OUT.pt2|OUT.onnx [--verify] [--emit-kernels DIR] [--json]
     tokenfx generate MODEL --prompt TEXT|--prompt-file F [--max-new-tokens N]
                      [--chat] [--temperature T --top-k K --top-p P --seed S] [--no-compile] [--json]
+    tokenfx generate MODEL --prompt P --max-new-tokens N --diffusion vanilla|threshold|ete|guided|learned
+                     [--no-cache] [--block-length K] [--json]        (masked-diffusion LMs)
     tokenfx demo [--model SPEC] [--out DIR]
 
 MODEL is anything :func:`tokenfx.load` accepts. Errors print one line and exit 2 (a full
@@ -23,6 +25,7 @@ from pathlib import Path
 from tokenfx.report import pass_json, render_catalogue, render_passes, render_structure, terminal
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+DIFFUSION_POLICIES = ("vanilla", "topk", "threshold", "ete", "guided", "learned")  # tokenfx.runtime.unmasking.POLICIES
 
 
 # -- inspect ---------------------------------------------------------------------------------------
@@ -162,11 +165,7 @@ def _early_exit_policy(args):
 
 
 def cmd_generate(args) -> int:
-    import time
-
     from tokenfx.errors import GenerationError
-    from tokenfx.frontends.load import load_tokenizer
-    from tokenfx.runtime.generate import generator_for
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise GenerationError("give exactly one of --prompt TEXT or --prompt-file F")
@@ -177,21 +176,66 @@ def cmd_generate(args) -> int:
             raise GenerationError(f"--prompt-file {args.prompt_file}: {exc}") from exc
     else:
         prompt = args.prompt
+    if args.diffusion is not None:
+        return cmd_diffuse(args, prompt)
+    _check_not_diffusion(args)
+    tp = _tensor_parallel(args)
+    if tp is None:  # the ranks ran it
+        return 0
+    if tp.rank != 0:  # one rank speaks for all (they make the same tokens); errors still reach the launcher
+        import contextlib
+        import os
+
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            return _generate(args, prompt, tp)
+    return _generate(args, prompt, tp)
+
+
+def _tensor_parallel(args):
+    """``--tp N`` outside a launched rank: start N local ranks running this command and return
+    None; inside one (``--tp N`` started it, or torchrun: ``RANK`` / ``WORLD_SIZE`` set): join
+    the group and return its :class:`~tokenfx.runtime.tensor_parallel.Rank`."""
+    from tokenfx.errors import TensorParallelError
+    from tokenfx.runtime import tensor_parallel
+
+    if args.tp < 1:
+        raise TensorParallelError(f"--tp must be a positive number of ranks, got {args.tp}")
+    if tensor_parallel.launched():
+        rank = tensor_parallel.init_process_group()
+        if args.tp not in (1, rank.world_size):
+            raise TensorParallelError(f"--tp {args.tp} but the launcher started {rank.world_size} ranks "
+                                      f"(WORLD_SIZE={rank.world_size})")
+        return rank
+    if args.tp == 1:
+        return tensor_parallel.Rank()
+    tensor_parallel.launch(_generate_rank, args.tp, getattr(args, "_argv", sys.argv[1:]))
+    return None
+
+
+def _generate_rank(argv) -> None:
+    """One rank of ``tokenfx generate --tp N`` (started by :func:`tensor_parallel.launch`): the same
+    command, its errors raised so the launcher names the rank that failed."""
+    args = build_parser().parse_args(argv)
+    args._argv = argv
+    code = args.func(args)
+    if code:
+        raise SystemExit(code)
+
+
+def _generate(args, prompt: str, tp) -> int:
+    import time
+
+    from tokenfx.errors import GenerationError
+    from tokenfx.frontends.load import load_tokenizer
+    from tokenfx.runtime.generate import generator_for
+
     early_exit = _early_exit_policy(args)  # bad options fail before anything is loaded or printed
     tokenizer = load_tokenizer(args.model)  # before the (slow) graph build: a missing tokenizer fails fast
-    if args.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise GenerationError(f"--chat: the tokenizer of {args.model} has no chat template; drop --chat to "
-                                  "continue the prompt as plain text")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if ids.numel() == 0:
-        raise GenerationError("the prompt is empty after tokenization")
+    ids = _prompt_ids(args, prompt, tokenizer)
     err = terminal(stderr=True)
     with err.status("loading the model and building its prefill / decode graphs"):
-        gen = generator_for(args.model, compile=False if args.no_compile else True if args.compile else "auto")
+        gen = generator_for(args.model, compile=False if args.no_compile else True if args.compile else "auto",
+                            tp=tp.world_size)
     generated: list[int] = []
     printed = ""
 
@@ -258,6 +302,94 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _prompt_ids(args, prompt: str, tokenizer):
+    """The prompt's token ids ``[1, P]`` (through the chat template with ``--chat``)."""
+    from tokenfx.errors import GenerationError
+
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise GenerationError(f"--chat: the tokenizer of {args.model} has no chat template; drop --chat to "
+                                  "continue the prompt as plain text")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        raise GenerationError("the prompt is empty after tokenization")
+    return ids
+
+
+def _check_not_diffusion(args) -> None:
+    """Left-to-right decoding: the diffusion-only flags, and a masked-diffusion model, are refused."""
+    from tokenfx.errors import DiffusionError
+    from tokenfx.frontends.load import diffusion_config
+
+    if args.no_cache or args.block_length is not None:
+        raise DiffusionError("--no-cache and --block-length need --diffusion POLICY (masked-diffusion LMs)")
+    mask_id = diffusion_config(args.model)
+    if mask_id is not None:
+        raise DiffusionError(f"{args.model} is a masked-diffusion LM (config is_causal: false, mask_token_id {mask_id}): "
+                             "it is not decoded left to right; add --diffusion vanilla|threshold|ete|guided|learned")
+
+
+def cmd_diffuse(args, prompt: str) -> int:
+    """``tokenfx generate MODEL --diffusion POLICY``: a masked-diffusion LM denoises ``--max-new-tokens``
+    mask tokens in blocks of ``--block-length``; with the cache (the default; ``--no-cache`` is
+    the exact baseline) the output is APPROXIMATE and says so."""
+    from tokenfx.errors import DiffusionError
+    from tokenfx.frontends.load import load_tokenizer
+    from tokenfx.runtime.diffusion import block_schedule, diffuser_for
+
+    others = {"--speculate": args.speculate, "--early-exit": args.early_exit, "--skip-decode": args.skip_decode,
+              "--exit-measure": args.exit_measure, "--tree": args.tree, "--top-k": args.top_k, "--top-p": args.top_p}
+    given = [flag for flag, value in others.items() if value is not None]
+    given += ["--tp"] if getattr(args, "tp", 1) != 1 else []  # tensor parallel is a left-to-right decoding option
+    if given:
+        raise DiffusionError(f"{', '.join(given)} do(es) not combine with --diffusion (left-to-right decoding options)")
+    block_schedule(args.max_new_tokens, args.block_length)  # a bad block length fails before the (slow) load
+    err = terminal(stderr=True)
+    with err.status("loading the masked-diffusion model"):
+        diffuser = diffuser_for(args.model, compile=False if args.no_compile else True if args.compile else "auto")
+        tokenizer = load_tokenizer(args.model)
+        ids = _prompt_ids(args, prompt, tokenizer)
+        cache = "none" if args.no_cache else "dual"
+        diffuser.prepare(cache)  # graphs built (or loaded compiled) before the timed run
+    prompt_len = ids.shape[1]
+    printed = ""
+
+    def stream(report):  # print the finished left part of the buffer as it grows
+        nonlocal printed
+        row = report.tokens[0, prompt_len:]
+        open_ = (row == diffuser.mask_id).nonzero()
+        done = row[: int(open_[0]) if open_.numel() else row.numel()].tolist()
+        text = tokenizer.decode(done, skip_special_tokens=True)
+        if text.startswith(printed) and len(text) > len(printed):
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    if not args.json:
+        sys.stdout.write(prompt + ("\n" if args.chat else ""))
+        sys.stdout.flush()
+    result = diffuser.diffuse(ids, gen_length=args.max_new_tokens, block_length=args.block_length,
+                              policy=args.diffusion, cache=cache, temperature=args.temperature, seed=args.seed,
+                              on_round=None if args.json else stream)
+    new = result.sequences[0, prompt_len:].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    tokens_per_s = len(new) / result.seconds if result.seconds > 0 else None
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": new, "new_tokens": len(new), "rounds": result.rounds,
+                          "seconds": round(result.seconds, 4),
+                          "tokens_per_s": round(tokens_per_s, 2) if tokens_per_s is not None else None,
+                          "diffusion": args.diffusion, "cache": cache, "approximate": result.approximate}))
+        return 0
+    sys.stdout.write(text[len(printed):] + "\n" if text.startswith(printed) else "\n" + text + "\n")
+    label = "exact, no cache" if cache == "none" else f"APPROXIMATE: {cache} K/V cache reused across rounds"
+    err.print(f"[dim]{len(new)} tokens in {result.seconds:.2f} s ({tokens_per_s or 0:.1f} tokens/s, {result.rounds} "
+              f"rounds, {args.diffusion} unmasking, {label})[/dim]")
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from tokenfx.demo import run_demo
@@ -319,7 +451,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "of rank paths")
     p.add_argument("--tree-budget", default="auto", metavar="N|auto",
                    help="most nodes per draft tree; auto (default) sizes it from this machine's measured verify cost")
+    p.add_argument("--diffusion", choices=DIFFUSION_POLICIES, metavar="POLICY",
+                   help="masked-diffusion LMs: denoise the new tokens in rounds, unmasking by POLICY: "
+                        + ", ".join(DIFFUSION_POLICIES) + " (the cache makes it APPROXIMATE; see --no-cache)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="--diffusion: a full forward every round (exact; with vanilla, the LLaDA baseline) instead "
+                        "of reusing K/V across rounds (Fast-dLLM's dual cache)")
+    p.add_argument("--block-length", type=int, metavar="K",
+                   help="--diffusion: semi-autoregressive block length, dividing --max-new-tokens (default 32, or "
+                        "--max-new-tokens when smaller)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel over N local ranks (gloo on CPU, NCCL on CUDA; at most one rank per core / "
+                        "GPU); under torchrun the launcher's ranks are used")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the main job end to end on the bundled default model")
@@ -334,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # what --tp N re-runs in each rank
     try:
         return args.func(args)
     except KeyboardInterrupt:

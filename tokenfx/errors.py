@@ -52,6 +52,11 @@ class GenerationError(TokenfxError):
     """Bad generation input: prompt too long, wrong padding, a model that is not a decoder."""
 
 
+class DiffusionError(GenerationError):
+    """A masked-diffusion LM asked to decode left to right or the reverse, a dLLM without a mask
+    token, or a generation buffer that does not split into its blocks / rounds."""
+
+
 class TreeError(TokenfxError):
     """A draft tree that is not a tree: parents out of order, a bad rank path, an unknown template."""
 
@@ -68,3 +73,9 @@ class OpInputError(TokenfxError):
 class CacheError(TokenfxError):
     """A prefix cache (:class:`tokenfx.runtime.kv.PrefixCache`) given what it cannot hold: a
     negative byte cap, K/V whose length differs from its tokens'."""
+
+
+class TensorParallelError(TokenfxError):
+    """Tensor-parallel generation that cannot run: no process group of the right size, ``--tp``
+    larger than the devices, a rank that failed (named, with its error), a drafter that does not
+    run in lockstep across ranks."""

@@ -1,6 +1,6 @@
 """Train the bundled masked-diffusion code LM ``tokenfx:tiny-code-dllm``.
 
-    python tools/train_tiny_dllm.py                          # the bundled model (~1 h on one CPU thread)
+    python tools/train_tiny_dllm.py                          # the bundled model (~25 min on one CPU thread)
     python tools/train_tiny_dllm.py --steps 20 --out /tmp/dllm   # a quick smoke run
 
 A masked-diffusion LM of the LLaDA kind: Llama blocks *without* the causal mask (every token
@@ -57,7 +57,8 @@ def load_tokenizer(out: Path):
     return tokenizer
 
 
-def make_model(layers: int, vocab: int, seed: int, eos_id: int, pad_id: int, mask_id: int, seq: int):
+def make_model(layers: int, vocab: int, seed: int, eos_id: int, pad_id: int, mask_id: int, seq: int,
+               init_from: Path | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -70,8 +71,27 @@ def make_model(layers: int, vocab: int, seed: int, eos_id: int, pad_id: int, mas
     config.mask_token_id = mask_id
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if init_from:
+        adapt_from_ar(model, init_from)
     bidirectional(model)
     return model
+
+
+def adapt_from_ar(model, ar_dir: Path) -> None:
+    """Start from the AR model's weights (AR-to-diffusion adaptation, as Dream and DiffuLLaMA do):
+    same architecture and tokenizer; the mask token's embedding row starts as the mean row."""
+    from transformers import AutoModelForCausalLM
+
+    ar = AutoModelForCausalLM.from_pretrained(ar_dir, dtype=torch.float32)
+    state = ar.state_dict()
+    table = state["model.embed_tokens.weight"]
+    extra = model.config.vocab_size - table.shape[0]
+    state["model.embed_tokens.weight"] = torch.cat([table, table.mean(0, keepdim=True).expand(extra, -1)])
+    state.pop("lm_head.weight", None)  # tied to the embedding
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"cannot adapt {ar_dir}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
 
 
 def bidirectional(model) -> None:
@@ -188,6 +208,7 @@ def save(model, out: Path, card: dict) -> None:
              f"({card['training']['tokens_seen']:,} tokens), {card['training']['seconds'] / 60:.1f} min on CPU, "
              f"seed {card['seed']}",
              f"- loss: {card['loss']}",
+             f"- initialisation: {card['init']}",
              "", "Held-out masked-token cross-entropy (nats per masked token, no prompt, 64 windows):", "",
              "| masking rate t | NLL | perplexity |", "| --- | --- | --- |"]
     lines += [f"| {rate} | {nll:.3f} | {math.exp(nll):.1f} |" for rate, nll in card["held_out_nll"].items()]
@@ -200,12 +221,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ASSETS / "tiny-code-dllm"))
     parser.add_argument("--minutes", type=float, default=75.0, help="safety cap (steps decide)")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--seq", type=int, default=320)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (fixed for repeatable numerics)")
+    parser.add_argument("--init-from", default="tiny-code", help="bundled AR model to adapt from ('' = random init)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -218,7 +240,8 @@ def main() -> None:
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
     train_ids = encode_corpus(tokenizer, [read(p) for p in train_files])
     held_ids = encode_corpus(tokenizer, [read(p) for p in held_files])
-    model = make_model(6, len(tokenizer), args.seed, eos, pad, mask_id, args.seq)
+    model = make_model(6, len(tokenizer), args.seed, eos, pad, mask_id, args.seq,
+                       ASSETS / args.init_from if args.init_from else None)
     stats = train(model, train_ids, steps=args.steps, minutes=args.minutes, seq=args.seq, batch=args.batch,
                   lr=args.lr, seed=args.seed, mask_id=mask_id)
     nll = held_out_nll(model, held_ids, args.seq, mask_id)
@@ -232,6 +255,8 @@ def main() -> None:
             "seed": args.seed, "mask_token_id": mask_id, "training": stats,
             "loss": "masked-token cross-entropy weighted by 1/t, t ~ U(0.001, 1); half the sequences keep a clean "
                     "random-length prefix (prompt) and mask only the rest",
+            "init": f"adapted from tokenfx:{args.init_from} (its weights; the mask row = the mean embedding)"
+                    if args.init_from else "random",
             "held_out_nll": nll, "command": command}
     save(model, out, card)
     print(json.dumps({"held_out_nll": {k: round(v, 3) for k, v in nll.items()}, **stats}))

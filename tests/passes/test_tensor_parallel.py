@@ -2,7 +2,10 @@
 spawned on 127.0.0.1, gives the single-rank graph's logits within an fp32 tolerance;
 structure (two all-reduces per block, after o and after down; local weight shapes; which
 kv-heads a rank holds) is checked without a process group; bad input gets one error naming
-the block and the counts.
+the block and the counts. ``kv_cache`` graphs (prefill, decode with the cache written in
+place or returned, and the ``tree_verify`` graph on top of decode) are sharded too: each
+rank's cache input and ``new_kv`` output hold its kv-heads only (a replica when kv_heads <
+world size), and its logits equal the single-rank graph's for the same cache.
 
 The spawn harness is bounded: every rank has a process-group timeout, results and errors come
 back through a queue, the first rank error fails the test with that rank's traceback, and
@@ -74,6 +77,57 @@ def _compare_worker(rank, world, cases):
         logits = _run(sharded, inputs)
         error = float((logits - reference).abs().max())
         out[name] = (error, tolerance_for(reference, "exact"), tuple(logits.shape) == tuple(reference.shape))
+    return out
+
+
+KV_GRAPHS = {  # label: (kv_cache options, tree_verify on top)
+    "prefill": (dict(mode="prefill", logits="all", max_positions=64), False),
+    "decode_inplace": (dict(mode="decode", logits="all", cache_update="inplace", max_positions=64), False),
+    "decode_output": (dict(mode="decode", logits="last", max_positions=64), False),
+    "tree_verify": (dict(mode="decode", logits="all", cache_update="inplace", max_positions=64), True),
+}
+
+
+def _rank_kv_heads(layout, world: int, rank: int) -> slice:
+    """The kv-heads a rank's cache holds (q head h reads kv head h // (H/KV))."""
+    local = layout.heads // world
+    first = rank * local // (layout.heads // layout.kv_heads)
+    return slice(first, first + max(1, layout.kv_heads // world))
+
+
+def _kv_compare_worker(rank, world, cases):
+    """Per case and kv graph: the single-rank kv graph and this rank's shard run on the same
+    inputs (a random cache, seeded alike on every rank; the shard gets its kv-heads of it)."""
+    from tokenfx.ir.kv_layout import example_inputs
+    from tokenfx.passes.kv_cache import KVCache
+    from tokenfx.passes.tree_verify import TreeVerify
+
+    from tokenfx.frontends.load import decoder_graph, load_decoder
+
+    out = {}
+    for name, labels in cases:  # captured here: a .pt2 loads without the config and LM head kv_cache needs
+        full = decoder_graph(_qwen2(heads=4, kv_heads=1) if name == "qwen2_h4_kv1" else load_decoder(name))
+        vocab = int(full.config.vocab_size)
+        for label in labels:
+            options, tree = KV_GRAPHS[label]
+            passes = [KVCache(**options)] + ([TreeVerify()] if tree else [])
+            single = PassManager(passes).run(full).graph
+            sharded = TensorParallel(world_size=world, rank=rank).run(single).graph
+            args = list(example_inputs(single.kv, batch=2, tokens=4, past=5, vocab=vocab))
+            heads = _rank_kv_heads(single.kv, world, rank)
+            if "kv_cache" in single.kv.inputs:
+                at = single.kv.inputs.index("kv_cache")
+                args[at] = torch.randn(args[at].shape, generator=torch.Generator().manual_seed(3))
+            local = list(args)
+            if "kv_cache" in single.kv.inputs:
+                local[at] = args[at][:, :, :, heads].contiguous()
+                args[at] = args[at].clone()  # the in-place graphs write into it
+            with torch.no_grad():
+                ref_logits, ref_kv = single.gm(*args)
+                logits, kv = sharded.gm(*local)
+            out[(name, label)] = (float((logits - ref_logits).abs().max()), tolerance_for(ref_logits, "exact"),
+                                  float((kv - ref_kv[:, :, :, heads]).abs().max()), tuple(kv.shape),
+                                  tuple(ref_kv.shape), (sharded.kv.heads, sharded.kv.kv_heads))
     return out
 
 
@@ -154,6 +208,8 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tp")
     out = {f"llama_h4_kv{kv}": (str(save_pt2(_graph(4, kv), folder / f"llama_h4_kv{kv}.pt2")), "mask")
            for kv in (2, 1)}
+    qwen2 = decoder_graph(_qwen2(heads=4, kv_heads=1))  # input_ids only: what kv_cache takes
+    out["qwen2_h4_kv1"] = (str(save_pt2(qwen2, folder / "qwen2_h4_kv1.pt2")), 100)
     tiny = decoder_graph(load_decoder("tokenfx:tiny-code"))
     out["tiny_code"] = (str(save_pt2(tiny, folder / "tiny_code.pt2")), int(tiny.config.vocab_size))
     return out
@@ -162,6 +218,7 @@ def saved(tmp_path_factory):
 # -- numerics in a real process group ------------------------------------------------------------------
 TWO_RANK_CASES = ("llama_h4_kv2",  # kv-heads split across the ranks (one each)
                   "llama_h4_kv1",  # kv_heads < world size: the one kv-head replicated
+                  "qwen2_h4_kv1",  # q/k/v biases (sliced with their rows), one kv-head replicated
                   "tiny_code")  # trained, 8 heads / 2 kv-heads, 6 blocks, tied head
 
 
@@ -172,6 +229,29 @@ def test_two_ranks_give_the_single_rank_logits(name, saved):
         error, tol, same_shape = by_case[name]
         assert same_shape, f"rank {rank}: logits shape changed"
         assert error <= tol, f"{name} rank {rank}: |tp - single| = {error:.3g} > {tol:.3g}"
+
+
+# (case, kv graphs): the random-init Qwen2 (kv_heads 1 < 2 ranks) in each kind of kv graph (the
+# tree graph is decode with the cache written in place, plus a tree mask); tiny-code's prefill
+# and decode graphs are compared in tests/runtime/test_tp_generate.py, where the Generator
+# builds them anyway
+KV_CASES = (("qwen2_h4_kv1", ("prefill", "decode_output", "tree_verify")),)
+
+
+@functools.lru_cache(maxsize=None)
+def _kv_compared() -> tuple:
+    return tuple(spawn_ranks(2, _kv_compare_worker, KV_CASES))
+
+
+@pytest.mark.parametrize("name, label", [(name, label) for name, labels in KV_CASES for label in labels])
+def test_kv_cache_graphs_shard_their_cache_and_give_the_single_rank_logits(name, label):
+    for rank, by_graph in enumerate(_kv_compared()):
+        logits_error, tol, kv_error, kv_shape, ref_kv_shape, (heads, kv_heads) = by_graph[(name, label)]
+        assert logits_error <= tol, f"{name} {label} rank {rank}: |tp - single| = {logits_error:.3g} > {tol:.3g}"
+        assert kv_error <= tol, f"{name} {label} rank {rank}: new K/V differ by {kv_error:.3g}"
+        expected_kv_heads = max(1, ref_kv_shape[3] // 2)
+        assert kv_shape == ref_kv_shape[:3] + (expected_kv_heads,) + ref_kv_shape[4:], (kv_shape, ref_kv_shape)
+        assert kv_heads == expected_kv_heads
 
 
 def test_four_ranks_replicate_the_one_kv_head(saved):
@@ -190,6 +270,19 @@ def test_a_failing_rank_fails_the_test_and_the_waiting_rank_is_killed():
 
 
 # -- structure, without a process group -------------------------------------------------------------------
+def _qwen2(heads: int, kv_heads: int):
+    import transformers
+
+    from models import randomize_
+
+    cfg = transformers.Qwen2Config(vocab_size=100, hidden_size=heads * 8, intermediate_size=heads * 16,
+                                   num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   max_position_embeddings=64)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return randomize_(transformers.Qwen2ForCausalLM(cfg), 0)
+
+
 @functools.lru_cache(maxsize=None)
 def _graph(heads: int, kv_heads: int):
     return tokenfx.capture(llama(layers=2, heads=heads, kv_heads=kv_heads), token_inputs(2, 7))

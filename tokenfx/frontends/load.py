@@ -14,6 +14,12 @@ It is also the one place a spec is parsed for generation: :func:`load_decoder` (
 a ``Generator`` runs, as a module when there is one), :func:`decoder_graph` (its capture),
 :func:`model_dir`, :func:`load_tokenizer` and :func:`tokenizer_vocab` (the files stored with it).
 
+Masked-diffusion LMs (LLaDA-style dLLMs) are recognised by two config keys, ``"is_causal":
+false`` and ``"mask_token_id"`` (:func:`diffusion_config`); they load bidirectional, whatever
+their family (every module with an ``is_causal`` flag has it turned off, and transformers'
+mask builder gives an all-visible mask for such a config), and :func:`decoder_graph` refuses
+them for left-to-right decoding.
+
 Hugging Face models are captured with synthetic example inputs (batch 2, 64 tokens, or
 images at the config's size); the graph stays dynamic in batch and tokens.
 """
@@ -26,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from tokenfx.errors import ModelLoadError
+from tokenfx.errors import DiffusionError, ModelLoadError
 from tokenfx.ir.graph import ModelGraph
 
 
@@ -94,7 +100,18 @@ def load_hf_model(directory: Path, dtype: torch.dtype | None = None) -> torch.nn
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load the model in {directory}: {first}") from exc
+    if config_data.get("is_causal", True) is False:
+        make_bidirectional(model)
     return model.eval()
+
+
+def make_bidirectional(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn off ``is_causal`` on every module that has it (family-free: Hugging Face attention
+    modules pass it to SDPA when no mask is given). In place; returns ``model``."""
+    for module in model.modules():
+        if isinstance(getattr(module, "is_causal", None), bool):
+            module.is_causal = False
+    return model
 
 
 def example_inputs_for(model: torch.nn.Module, batch: int = 2, tokens: int = 64) -> dict:
@@ -214,18 +231,52 @@ def load_decoder(spec) -> torch.nn.Module | ModelGraph:
     return load(str(spec))
 
 
-def decoder_graph(model: torch.nn.Module | ModelGraph) -> ModelGraph:
+def decoder_graph(model: torch.nn.Module | ModelGraph, *, diffusion: bool = False) -> ModelGraph:
     """A full-sequence ModelGraph of an already loaded decoder (:func:`load_decoder`), captured
-    with token ids only (batch 2, 8 tokens; dynamic in both). A ModelGraph is returned as it is."""
+    with token ids only (batch 2, 8 tokens; dynamic in both). A ModelGraph is returned as it is.
+    A masked-diffusion LM is refused unless ``diffusion`` (it does not decode left to right);
+    with ``diffusion`` it is captured bidirectional."""
     from tokenfx.frontends.torch_export import capture
 
     if isinstance(model, ModelGraph):
         return model
+    mask_id = diffusion_config(model)
+    if mask_id is not None and not diffusion:
+        raise DiffusionError(f"{type(model).__name__} is a masked-diffusion LM (config is_causal: false, mask_token_id "
+                             f"{mask_id}): it is not decoded left to right; use tokenfx.diffuse(model, ids, "
+                             "gen_length=N, block_length=K) or `tokenfx generate MODEL --diffusion vanilla`")
+    if diffusion:
+        make_bidirectional(model)
     config = getattr(model, "config", None)
     vocab = int(getattr(config, "vocab_size", 2) or 2)
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
     device = next(model.parameters()).device
     return capture(model, (ids.to(device),))
+
+
+def model_config(model) -> dict | None:
+    """The config of ``model`` as a dict: a module's / graph's ``config``, or the ``config.json``
+    stored with a spec (None when there is none)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        return config if isinstance(config, dict) else config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    if isinstance(model, (str, Path)):
+        directory = model_dir(str(model))
+        if directory is not None and (directory / "config.json").exists():
+            try:
+                return json.loads((directory / "config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
+    return None
+
+
+def diffusion_config(model) -> int | None:
+    """The mask token id of a masked-diffusion LM (config ``is_causal: false`` and
+    ``mask_token_id``), None for any other model (spec, module or graph)."""
+    config = model_config(model)
+    if config is None or config.get("is_causal", True) is not False or config.get("mask_token_id") is None:
+        return None
+    return int(config["mask_token_id"])
 
 
 def tokenizer_vocab(spec: str | None) -> dict | None:

@@ -38,6 +38,14 @@ How it works, from the ModelMap (no model-family cases):
 3. the graph is exported again, so the result is an ordinary captured graph with dynamic
    batch / token / cache-length dims (it exports to ONNX and compiles).
 
+``causal=False`` (approximate when the runtime reuses the cache, and labelled so) is the
+bidirectional mode for masked-diffusion LMs (LLaDA-style dLLMs, :mod:`tokenfx.runtime.diffusion`):
+the graph's attention must be bidirectional (no mask, or an all-visible one), and a new token
+sees every valid cache slot and every new token that is not padding (itself always). The
+graph computes exactly what a full bidirectional forward computes *given* the cached K/V; a
+dLLM runtime that reuses K/V across denoising rounds is approximate because bidirectional
+attention would have changed those K/V (Fast-dLLM's prefix / dual cache, FreeCache).
+
 Refused, with the reason: attention cores in the eager matmul-softmax-matmul form,
 attention masks that are not plain causal masks (ALiBi, learned biases), and inputs other
 than ``input_ids`` that the computation still needs. Sliding-window models (config
@@ -84,6 +92,7 @@ class KVCache(Pass):
         max_positions: int = 0  # 0: the model's own limit (config / capture range)
         cache_update: Literal["output", "inplace"] = "output"  # new K/V an output (ONNX), or written into kv_cache
         padded: bool = True  # prefill only: False = no token_mask, SDPA's is_causal fast path (unpadded batches)
+        causal: bool = True  # False: bidirectional attention over cache + new tokens (masked-diffusion LMs)
 
     def rewrite(self, graph: ModelGraph) -> PassResult:
         """Rewrite ``graph``'s module in place, then export it again (the clone :meth:`Pass.run` or
@@ -95,8 +104,12 @@ class KVCache(Pass):
             if att.core_kind != "sdpa":
                 raise MappingError(f"kv_cache: block {block.name} computes attention in the eager matmul-softmax-matmul "
                                    "form; load the model with attn_implementation='sdpa'")
-            if not att.causal:
-                raise MappingError(f"kv_cache: block {block.name} attention is not causal; kv_cache needs a decoder")
+            if o.causal and not att.causal:
+                raise MappingError(f"kv_cache: block {block.name} attention is not causal; kv_cache needs a decoder "
+                                   "(kv_cache(causal=False) is the bidirectional mode for masked-diffusion LMs)")
+            if not o.causal and att.causal:
+                raise MappingError(f"kv_cache(causal=False): block {block.name} attention is causal; the bidirectional "
+                                   "mode is for masked-diffusion LMs (config is_causal: false, loaded by tokenfx.load)")
         if structure.head is None:
             raise MappingError("kv_cache: no LM head found; kv_cache needs a causal language model")
         gm, g = graph.gm, graph.gm.graph
@@ -107,11 +120,11 @@ class KVCache(Pass):
         window = getattr(graph.config, "sliding_window", None) if graph.config is not None else None
         if isinstance(window, int) and window > 0 and getattr(graph.config, "use_sliding_window", True) is not False:
             max_positions = min(max_positions, window)  # within the window, sliding-window attention is plain causal
-        _check_masks(gm, attentions, ids)
+        _check_masks(gm, attentions, ids, o.causal)
 
         decode = o.mode == "decode"
         inplace = decode and o.cache_update == "inplace"
-        dense = not decode and not o.padded  # causal attention without a mask: SDPA skips the upper triangle
+        dense = not decode and not o.padded  # no mask tensor: SDPA's is_causal path (or plain bidirectional SDPA)
         first = next(n for n in g.nodes if n.op != "placeholder")
         with g.inserting_before(first):
             new_ids = g.placeholder("tokens")
@@ -125,7 +138,7 @@ class KVCache(Pass):
         allowed = None
         if not dense:
             with g.inserting_before(first):
-                allowed = _attention_mask(g, new_ids, cache, cache_mask, token_mask, example_ids.device, slots)
+                allowed = _attention_mask(g, new_ids, cache, cache_mask, token_mask, example_ids.device, slots, o.causal)
 
         new_kv = []
         for layer, (block, att) in enumerate(attentions):
@@ -146,7 +159,7 @@ class KVCache(Pass):
                     layer_cache = g.call_function(aten.select.int, (cache, 0, layer))
                     k_all = g.call_function(aten.cat.default, ([g.call_function(aten.select.int, (layer_cache, 0, 0)), k_new], 2))
                     v_all = g.call_function(aten.cat.default, ([g.call_function(aten.select.int, (layer_cache, 0, 1)), v_new], 2))
-                kwargs: dict[str, Any] = ({"dropout_p": 0.0, "is_causal": True} if dense else
+                kwargs: dict[str, Any] = ({"dropout_p": 0.0, "is_causal": o.causal} if dense else
                                           {"attn_mask": allowed, "dropout_p": 0.0, "is_causal": False})
                 if sdpa.get("scale") is not None:
                     kwargs["scale"] = sdpa["scale"]
@@ -212,7 +225,7 @@ class KVCache(Pass):
     def verify_outputs(self, before: ModelGraph, after: ModelGraph):
         """(reference, rewritten) output pairs for PassManager(verify=True): the full-sequence
         logits against prefill (and, for decode graphs, a two-step run through the cache)."""
-        return reference_pairs(before, after)
+        return reference_pairs(before, after, causal=self.options.causal)
 
 
 # -- the rewrite's pieces ---------------------------------------------------------------------------
@@ -237,15 +250,17 @@ def _max_positions(graph: ModelGraph) -> int:
     raise PassOptionError("kv_cache: the model does not say how many positions it supports; pass max_positions=N")
 
 
-def _check_masks(gm: torch.fx.GraphModule, attentions, ids: Node) -> None:
-    """Only plain causal masks may be replaced by the cache mask: evaluate each distinct mask
-    at a small length and compare with ``tril``; refuse ALiBi / sliding windows / custom biases."""
+def _check_masks(gm: torch.fx.GraphModule, attentions, ids: Node, causal: bool = True) -> None:
+    """Only plain causal masks (all-visible ones when not ``causal``) may be replaced by the cache
+    mask: evaluate each distinct mask at a small length and compare with ``tril`` (or ones); refuse
+    ALiBi / sliding windows / custom biases."""
     masks = {a.mask for _, a in attentions if a.mask is not None}
     if not masks:
         return
     n = 9
     values = _evaluate(gm, list(masks), _shape_inputs(gm, ids, torch.zeros(1, n, dtype=torch.long)))
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    expected = torch.ones(n, n, dtype=torch.bool)
+    expected = expected.tril() if causal else expected
     for (block, att) in attentions:
         if att.mask is None:
             continue
@@ -253,8 +268,9 @@ def _check_masks(gm: torch.fx.GraphModule, attentions, ids: Node) -> None:
         allowed = m if m.dtype == torch.bool else (m == 0)
         if not m.dtype == torch.bool and bool(((m != 0) & (m > torch.finfo(m.dtype).min / 2)).any()):
             allowed = None  # a finite non-zero bias (ALiBi, relative positions)
-        if allowed is None or not torch.equal(allowed.reshape(-1, n, n)[0], causal):
-            raise MappingError(f"kv_cache: block {block.name} uses an attention mask that is not a plain causal mask "
+        if allowed is None or not torch.equal(allowed.reshape(-1, n, n)[0], expected):
+            kind = "causal" if causal else "all-visible (bidirectional)"
+            raise MappingError(f"kv_cache: block {block.name} uses an attention mask that is not a plain {kind} mask "
                                "(ALiBi, sliding window or a learned bias); not supported")
 
 
@@ -306,20 +322,22 @@ def _evaluate(gm: torch.fx.GraphModule, targets: list[Node], inputs: dict[Node, 
     return {t: env[t] for t in targets}
 
 
-def _attention_mask(g, ids, cache, cache_mask, token_mask, device, slots=None) -> Node:
+def _attention_mask(g, ids, cache, cache_mask, token_mask, device, slots=None, causal: bool = True) -> Node:
     """``[B, 1, T, S+T]`` bool (``[B, 1, T, S]`` with ``slots``). Cache slot j is visible where
     ``cache_mask[b, j]`` (every valid slot precedes the new tokens, so no position test is
     needed and the cache may be the whole preallocated buffer); new token j is visible to new
-    token i when ``j <= i`` and it is not padding; the diagonal is always allowed. With
-    ``slots`` the new tokens live in the cache at those slots, and their part of the mask
-    is placed there."""
+    token i when ``j <= i`` (any j when not ``causal``) and it is not padding; the diagonal is
+    always allowed. With ``slots`` the new tokens live in the cache at those slots, and their
+    part of the mask is placed there."""
     call = g.call_function
     t = call(aten.sym_size.int, (ids, 1))
     i = call(aten.arange.default, (t,), {"dtype": torch.long, "device": device})
-    causal = call(aten.le.Tensor, (call(aten.unsqueeze.default, (i, 0)), call(aten.unsqueeze.default, (i, 1))))  # [T, T]
+    if causal:
+        earlier = call(aten.le.Tensor, (call(aten.unsqueeze.default, (i, 0)), call(aten.unsqueeze.default, (i, 1))))  # [T, T]
     diagonal = call(aten.eq.Tensor, (call(aten.unsqueeze.default, (i, 0)), call(aten.unsqueeze.default, (i, 1))))
     keys = _as_key_mask(g, token_mask)  # [B, 1, 1, T]
-    allowed = call(aten.bitwise_or.Tensor, (call(aten.bitwise_and.Tensor, (keys, causal)), diagonal))  # [B, 1, T, T]
+    visible = call(aten.bitwise_and.Tensor, (keys, earlier)) if causal else keys
+    allowed = call(aten.bitwise_or.Tensor, (visible, diagonal))  # [B, 1, T, T]
     if cache is None:
         return allowed
     cached = call(aten.expand.default, (_as_key_mask(g, cache_mask), [-1, -1, t, -1]))  # [B, 1, T, S]
@@ -424,8 +442,10 @@ def _same(d, sym) -> bool:
 
 
 # -- verification -----------------------------------------------------------------------------------
-def reference_pairs(before: ModelGraph, after: ModelGraph) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Full-sequence logits of ``before`` vs the kv graph's logits for the same tokens."""
+def reference_pairs(before: ModelGraph, after: ModelGraph, causal: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Full-sequence logits of ``before`` vs the kv graph's logits for the same tokens (not
+    ``causal``: the second half against the cached K/V of a whole-sequence call, the case where
+    nothing changed since the cache was written)."""
     layout: KVLayout = after.kv
     ids = before.example_args[0] if before.example_args else next(iter(before.example_kwargs.values()))
     with torch.no_grad():
@@ -439,6 +459,8 @@ def reference_pairs(before: ModelGraph, after: ModelGraph) -> list[tuple[torch.T
             ref = full[:, -1:] if layout.logits == "last" else full
             return [(ref, logits)]
         split = max(n // 2, 1)
+        if not causal:
+            return _bidirectional_pairs(after, layout, full, ids, pos, ones, split)
         if layout.cache_update == "inplace":  # one buffer, the graph writes each chunk's K/V at its slots
             cache = torch.zeros(layout.cache_shape(b, n), dtype=layout.dtype)
             cache_mask = torch.zeros(b, n, dtype=torch.long)
@@ -453,3 +475,25 @@ def reference_pairs(before: ModelGraph, after: ModelGraph) -> list[tuple[torch.T
         if layout.logits == "last":
             return [(full[:, split - 1:split], first), (full[:, -1:], second)]
         return [(full[:, :split], first), (full[:, split:], second)]
+
+
+def _bidirectional_pairs(after, layout: KVLayout, full, ids, pos, ones, split):
+    """A bidirectional decode graph: one call over the whole sequence from an empty cache (its
+    K/V are those of the full forward), then the second half again against the first half's
+    cached K/V — both must give the full forward's logits."""
+    b, n = ids.shape
+    if layout.cache_update == "inplace":
+        cache = torch.zeros(layout.cache_shape(b, n), dtype=layout.dtype)
+        cache_mask = torch.zeros(b, n, dtype=torch.long)
+        whole, _ = after.gm(ids, pos, cache, cache_mask, ones, torch.arange(n))
+        cache_mask[:, :split] = 1
+        second, _ = after.gm(ids[:, split:].contiguous(), pos[:, split:].contiguous(), cache, cache_mask,
+                             ones[:, split:], torch.arange(split, n))
+    else:
+        empty = torch.zeros(layout.cache_shape(b, 0), dtype=layout.dtype)
+        whole, kv = after.gm(ids, pos, empty, ones[:, :0], ones)
+        second, _ = after.gm(ids[:, split:], pos[:, split:], kv[:, :, :, :, :split].contiguous(), ones[:, :split],
+                             ones[:, split:])
+    if layout.logits == "last":
+        return [(full[:, -1:], whole), (full[:, -1:], second)]
+    return [(full, whole), (full[:, split:], second)]

@@ -34,14 +34,20 @@ How, from the ModelMap (no model-family cases):
    factor of a split width shrinks; a GQA repeat of ``H/KV`` becomes ``H'/KV'``), so no
    literal is assumed to mean "heads" by family;
 4. the rank's graph holds only what it reads: its shards, the replicated embedding, norms and
-   head (the caller's model and graph are not changed).
+   head (the caller's model and graph are not changed);
+5. ``kv_cache`` graphs (prefill, decode, and ``tree_verify`` graphs built on decode): the
+   ``kv_cache`` input ``[L, 2, B, Hkv, S, D]`` and the ``new_kv`` output become the rank's
+   ``[L, 2, B, Hkv', S, D]`` (``Hkv' = max(1, KV/W)``: its kv-heads, or its replica), the
+   KVLayout says ``H'`` heads and ``Hkv'`` kv-heads, so a runtime sized from the layout holds
+   the rank's heads only. Attention there reads K/V from the cache, so the ModelMap finds no K/V
+   projections behind the core; they are the q projection's two siblings (same input) with
+   ``KV·D`` outputs, sliced alike.
 
 Refused with one :class:`PassOptionError` naming the block and counts: heads, kv-heads
 (when neither ``KV % W`` nor ``W % KV`` is 0) or MLP width not divisible by the world size;
 fused QKV projections (GPT-2's ``c_attn``: one weight holding q, k and v, whose head
 slices are not contiguous); MLPs that are not "input projections → one output projection";
-``kv_cache`` graphs (not yet: their cache inputs would have to shrink to the rank's
-kv-heads).
+a kv graph sharded already.
 
 The pass mutates the graph it is handed (a clone: ``Pass.run`` and the PassManager make it).
 It does not need a process group to rewrite; running the result needs one of ``world_size``
@@ -52,7 +58,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from fractions import Fraction
 
 import torch
@@ -102,22 +107,20 @@ class TensorParallel(Pass):
 
     def rewrite(self, graph):
         """Shard ``graph`` itself (the clone :meth:`Pass.run` or the PassManager hands it)."""
-        if graph.kv is not None:
-            raise PassOptionError("tensor_parallel: kv_cache graphs are not supported yet (their cache inputs "
-                                  "would have to hold the rank's kv-heads only); shard a full-sequence graph")
         world, rank = self.options.world_size, self.options.rank
         structure = graph.structure
         shards: list[_Shard] = []
         repeats: dict[torch.fx.Node, tuple[int, int]] = {}  # GQA repeat node -> (old factor, new factor)
         for block in structure.blocks:
-            shards += _attention_shards(block, world, rank, repeats)
-            shards += _mlp_shards(block, world, rank)
+            attention = _attention_shards(block, world, rank, repeats)
+            shards += attention + _mlp_shards(block, world, rank, {s.node for s in attention})
         stats = {"world_size": world, "rank": rank, "blocks": len(structure.blocks)}
         if world == 1:
             return PassResult(graph, matched=[], stats=stats)
 
         gm, g = graph.gm, graph.gm.graph
         old_shapes = {n: A.shape(n) for n in g.nodes}
+        cache_input = _shrink_cache_input(graph, world, rank) if graph.kv is not None else None
         all_reduces = 0
         for shard in shards:
             _slice_weight(gm, shard)
@@ -132,6 +135,8 @@ class TensorParallel(Pass):
             raise PassOptionError(f"tensor_parallel: cannot re-derive the graph's sizes for {world} ranks "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
         _rehome(graph)
+        if graph.kv is not None:
+            _shard_layout(graph, world, cache_input)
         graph.invalidate()
         stats.update(all_reduces=all_reduces, sharded_projections=len(shards))
         return PassResult(graph, matched=[b.name for b in structure.blocks], stats=stats)
@@ -144,6 +149,8 @@ def _attention_shards(block, world: int, rank: int, repeats: dict) -> list[_Shar
                               "only one per block is supported")
     a = block.attention[0]
     heads, kv_heads, d = a.heads, a.kv_heads, a.head_dim
+    if a.q_proj is not None and (a.k_proj is None or a.v_proj is None):
+        a = _with_cached_kv_projections(block, a)
     projections = (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
     if any(p is None for p in projections):
         raise PassOptionError(f"tensor_parallel: block {block.name}: attention projections not all found "
@@ -175,14 +182,33 @@ def _attention_shards(block, world: int, rank: int, repeats: dict) -> list[_Shar
             _Shard(a.o_proj, "row", rank * local * d, (rank + 1) * local * d)]
 
 
-def _mlp_shards(block, world: int, rank: int) -> list[_Shard]:
+def _with_cached_kv_projections(block, a):
+    """In a kv_cache graph attention reads K/V from the cache (``cat(cache, k)`` or the buffer
+    the graph wrote ``k`` into), so the ModelMap's walk back from the core ends at the cache
+    input. The K and V projections are then the two siblings of the q projection (the same
+    input) with ``kv_heads × head_dim`` outputs; they are sliced alike, so which is which does
+    not matter here."""
+    x = A.linear_input_weight(a.q_proj)[0]
+    width = a.kv_heads * a.head_dim
+    siblings = [u for u in x.users if u is not a.q_proj and A.is_linear(u) and A.linear_input_weight(u)[0] is x
+                and _out_features(u) == width]
+    if len(siblings) != 2:
+        raise PassOptionError(f"tensor_parallel: block {block.name}: the K and V projections of a kv_cache graph "
+                              f"not found ({len(siblings)} projections of the attention input have "
+                              f"kv_heads × head_dim = {width} outputs, expected 2)")
+    return dataclasses.replace(a, k_proj=siblings[0], v_proj=siblings[1])
+
+
+def _mlp_shards(block, world: int, rank: int, attention: set) -> list[_Shard]:
     """The MLP's input projections (gate, up / fc) column-parallel, its one output projection
-    (down / proj: the projection that reads the others) row-parallel."""
-    if not block.mlp:
+    (down / proj: the projection that reads the others) row-parallel. ``attention``: the
+    block's attention projections (a kv_cache graph's ModelMap counts K and V with the MLP)."""
+    projections = [p for p in block.mlp if p not in attention]
+    if not projections:
         return []
-    mlp = set(block.mlp)
-    reads_mlp = [p for p in block.mlp if A.ancestors(p, 200) & mlp]
-    inputs = [p for p in block.mlp if p not in reads_mlp]
+    mlp = set(projections)
+    reads_mlp = [p for p in projections if A.ancestors(p, 200) & mlp]
+    inputs = [p for p in projections if p not in reads_mlp]
     if len(reads_mlp) != 1 or not inputs:
         raise PassOptionError(f"tensor_parallel: block {block.name}: the MLP is not input projections followed by "
                               f"one output projection ({len(inputs)} inputs, {len(reads_mlp)} reading them)")
@@ -323,6 +349,42 @@ def _rehome(graph) -> None:
             setattr(gm, attr, getattr(old, attr))
     gm.meta = dict(getattr(old, "meta", {}))
     graph.gm = gm
+
+
+# -- kv_cache graphs ----------------------------------------------------------------------------------
+def _local_kv_heads(kv_heads: int, world: int) -> int:
+    """kv-heads one rank holds: its share, or one replica when ``kv_heads < world``."""
+    return max(1, kv_heads // world)
+
+
+def _shrink_cache_input(graph, world: int, rank: int) -> int | None:
+    """The ``kv_cache`` input ``[L, 2, B, Hkv, S, D]`` of a decode / tree graph becomes the
+    rank's ``[L, 2, B, Hkv', S, D]`` (its fake value, before sizes are re-propagated); its
+    position among the graph's inputs, or None for a prefill graph (no cache input: its
+    ``new_kv`` output shrinks with the K/V projections)."""
+    layout = graph.kv
+    if "kv_cache" not in layout.inputs:
+        return None
+    placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
+    (cache,) = [n for n in placeholders if n.name == "kv_cache"]
+    fake = cache.meta["val"]
+    if fake.shape[3] != layout.kv_heads:
+        raise PassOptionError(f"tensor_parallel: the kv_cache input has {fake.shape[3]} kv-heads, the layout "
+                              f"{layout.kv_heads}: the graph was sharded already?")
+    with fake.fake_mode:
+        cache.meta["val"] = fake.narrow(3, 0, _local_kv_heads(layout.kv_heads, world)).contiguous()
+    return placeholders.index(cache)
+
+
+def _shard_layout(graph, world: int, cache_input: int | None) -> None:
+    """The rank's KVLayout (its heads and kv-heads) and example inputs (its cache)."""
+    layout = graph.kv
+    local_kv = _local_kv_heads(layout.kv_heads, world)
+    graph.kv = dataclasses.replace(layout, heads=layout.heads // world, kv_heads=local_kv)
+    if cache_input is not None and cache_input < len(graph.example_args):
+        args = list(graph.example_args)
+        args[cache_input] = args[cache_input].narrow(3, 0, local_kv).contiguous()
+        graph.example_args = tuple(args)
 
 
 # -- sizes -------------------------------------------------------------------------------------------

@@ -72,9 +72,16 @@ class Generator:
     falls back to the fx graphs when compiling fails or ``TOKENFX_COMPILE=0`` is set;
     ``False`` runs the fx graphs as they are.
     ``prefix_cache_bytes``: > 0 keeps prompts' K/V in a radix tree for reuse (LRU under the cap).
+    ``tp``: > 1 runs tensor-parallel inside an initialised process group of ``tp`` ranks (the rank
+    is the group's, :mod:`tokenfx.runtime.tensor_parallel`): every graph is this rank's shard
+    (``tensor_parallel`` pass) and the cache holds its kv-heads; every rank returns the same tokens.
     """
 
-    def __init__(self, model, *, compile: bool | str = "auto", prefix_cache_bytes: int = 0, max_positions: int = 0):
+    def __init__(self, model, *, compile: bool | str = "auto", prefix_cache_bytes: int = 0, max_positions: int = 0,
+                 tp: int = 1):
+        from tokenfx.runtime.tensor_parallel import rank_of
+
+        self.tp = rank_of(tp)
         self.compile, self._compile_strict = _compile_mode(compile)
         self._max_positions = max_positions
         self.spec = str(model) if isinstance(model, str) or hasattr(model, "__fspath__") else None
@@ -142,7 +149,8 @@ class Generator:
             from tokenfx.runtime import executor
 
             module = self.model
-            self._model_key = executor.module_key(module, f"generator:{self._max_positions}") if module is not None else None
+            salt = f"generator:{self._max_positions}{self.tp.key}"  # each tensor-parallel rank has its own shard
+            self._model_key = executor.module_key(module, salt) if module is not None else None
         return self._model_key
 
     def cached_runners(self, labels: tuple[str, ...], build: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict]:
@@ -189,9 +197,14 @@ class Generator:
             if "full" not in self._graphs:
                 self._graphs["full"] = decoder_graph(self._source)
             graph = self._graphs["full"]
+            passes = [KVCache(mode=mode, logits=logits, max_positions=self._max_positions, cache_update=key[1],
+                              padded=key[2])]
+            if self.tp.world_size > 1:  # this rank's shard; its cache holds its kv-heads
+                from tokenfx.passes.tensor_parallel import TensorParallel
+
+                passes.append(TensorParallel(world_size=self.tp.world_size, rank=self.tp.rank))
             try:
-                self._graphs[key] = optimize(graph, [KVCache(mode=mode, logits=logits, max_positions=self._max_positions,
-                                                             cache_update=key[1], padded=key[2])])
+                self._graphs[key] = optimize(graph, passes)
             except MappingError as exc:
                 raise GenerationError(f"cannot generate with {graph.family}: {exc}") from exc
         return self._graphs[key]
@@ -274,13 +287,20 @@ class Generator:
         if speculate is not None and early_exit is not None:
             raise GenerationError("speculate and early_exit do not combine: self-speculation (speculate='self:E') is "
                                   "the lossless early exit")
+        if self.tp.world_size > 1:
+            from tokenfx.runtime import tensor_parallel
+
+            tensor_parallel.check_lockstep(speculate, early_exit)
+            seed = tensor_parallel.shared_seed(self.tp, seed) if temperature > 0 else seed
         if speculate is not None:
             from tokenfx.runtime.speculative.decode import speculative_generate
 
             drafter = self.drafter(speculate, tree=tree)
-            return speculative_generate(self, drafter, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids, pad=pad, stream=stream,
-                                        tree_budget=tree_budget)
+            if self.tp.world_size > 1 and tree_budget in (None, "auto"):
+                tree_budget = drafter.max_nodes  # "auto" resizes trees from each rank's own timings: they would differ
+            return self._agreed(speculative_generate(self, drafter, ids, mask, max_new_tokens=max_new_tokens,
+                                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                                     stop_ids=stop_ids, pad=pad, stream=stream, tree_budget=tree_budget))
         generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
         sample = temperature > 0
         step = None
@@ -335,7 +355,15 @@ class Generator:
                            "decode_tokens_per_s": (steps - 1) * batch / max(seconds - first_token_s, 1e-9) if steps > 1 else 0.0}
         if step is not None:
             self.last_stats.update(step.stats())
-        return out[:, :total].clone()
+        return self._agreed(out[:, :total].clone())
+
+    def _agreed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens``, checked to be every tensor-parallel rank's (a no-op on one rank)."""
+        if self.tp.world_size == 1:
+            return tokens
+        from tokenfx.runtime.tensor_parallel import agreed
+
+        return agreed(self.tp, tokens)
 
     def verify_cost(self, batch: int, sizes=(1, 4, 8, 16, 32, 48, 64, 81), context: int = 256) -> dict[int, float]:
         """Seconds per call of the tree graph for ``T`` tree nodes (fastest of 5) after ``context``
@@ -367,6 +395,10 @@ class Generator:
                     run(tokens, positions, cache, cache_mask, mask, slots[context:context + t])
                     times.append(time.perf_counter() - start)
                 result[t] = min(times[1:])
+        if self.tp.world_size > 1:  # one curve for all ranks: what is sized from it must agree
+            from tokenfx.runtime.tensor_parallel import agreed_costs
+
+            result = agreed_costs(self.tp, result)
         costs[key] = result
         return result
 
