@@ -23,7 +23,9 @@ DEFAULT = "minilm"
 
 
 def names() -> list[str]:
-    local = [p.name for p in _HERE.iterdir() if p.is_dir() and (p / "config.json").exists()]
+    # models only: unmask-policy/ (a policy network) has a config.json but no model weights
+    local = [p.name for p in _HERE.iterdir() if p.is_dir() and (p / "config.json").exists()
+             and (p / "model.safetensors").exists()]
     return sorted(set(local) | set(_FROM_PACKAGES) | set(_FROM_GGUF))
 
 
