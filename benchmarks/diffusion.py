@@ -64,17 +64,20 @@ from tokenfx.runtime.generate import generator_for  # noqa: E402
 
 DLLM, AR = "tokenfx:tiny-code-dllm", "tokenfx:tiny-code"
 MODES = {"quick": 3, "full": 16}
-POLICY_OPTIONS = {"threshold": {"threshold": 0.9}, "ete": {"threshold": 0.9, "explore": 1}, "guided": {},
-                  "learned": {}}
+# variant -> (policy, options): two operating points for the confidence rules (a speed / quality curve)
+VARIANTS = {"vanilla": ("vanilla", {}), "threshold": ("threshold", {"threshold": 0.9}),
+            "threshold@0.7": ("threshold", {"threshold": 0.7}), "ete": ("ete", {"threshold": 0.9, "explore": 1}),
+            "ete@0.7": ("ete", {"threshold": 0.7, "explore": 1}), "guided": ("guided", {}), "learned": ("learned", {})}
 BASELINE = "vanilla"
 
 
 def methods(caches: list[str]) -> dict[str, tuple[str, str]]:
-    """name -> (policy, cache)."""
+    """name -> (variant, cache)."""
     table = {"vanilla": ("vanilla", "none"), "vanilla+prefix": ("vanilla", "prefix"), "vanilla+dual": ("vanilla", "dual")}
-    for policy in POLICY_OPTIONS:
-        table[policy] = (policy, "none")
-        table.update({f"{policy}+{c}": (policy, c) for c in caches})
+    for variant in VARIANTS:
+        if variant != "vanilla":
+            table[variant] = (variant, "none")
+            table.update({f"{variant}+{c}": (variant, c) for c in caches})
     return table
 
 
@@ -123,9 +126,10 @@ def perplexity(judge, prompt: list[int], generated: list[int]) -> float:
 
 
 # -- one method ------------------------------------------------------------------------------------------
-def run_dllm(diffuser, ids: list[int], policy: str, cache: str, args, guide, measure: bool = False):
+def run_dllm(diffuser, ids: list[int], variant: str, cache: str, args, guide, measure: bool = False):
+    policy, options = VARIANTS[variant]
     return diffuser.diffuse(torch.tensor([ids]), gen_length=args.gen_length, block_length=args.block_length,
-                            steps=args.gen_length, policy=policy, policy_options=dict(POLICY_OPTIONS.get(policy, {})),
+                            steps=args.gen_length, policy=policy, policy_options=dict(options),
                             cache=cache, guide=guide if policy == "guided" else None, measure_cache_error=measure)
 
 
@@ -271,8 +275,8 @@ def main(argv=None) -> None:
     for name, name_rows in rows.items():
         summary[name] = summarize(name_rows)
         if name in table:
-            summary[name].update(policy=table[name][0], cache=table[name][1],
-                                 options=POLICY_OPTIONS.get(table[name][0], {}))
+            summary[name].update(policy=VARIANTS[table[name][0]][0], cache=table[name][1],
+                                 options=VARIANTS[table[name][0]][1])
         if name in errors:
             cached_rounds = [e for e in errors[name] if e > 0]
             summary[name].update(cache_error_max=max(errors[name], default=0.0),
