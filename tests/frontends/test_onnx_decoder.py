@@ -99,6 +99,17 @@ def test_speculative_decoding_of_the_file_equals_greedy(onnx_file, prompts, spec
         assert gen.last_stats["accepted_per_step"] > 1.0
 
 
+def test_early_exit_on_the_file_self_speculation_equals_greedy(onnx_file, prompts):
+    """The early_exit pass on the imported graph, used by lossless self-speculation (draft with the
+    first 2 blocks through the shared exit head, verify with the rest): token-identical to greedy."""
+    gen = generator_for(str(onnx_file), compile=False)
+    ids, mask = left_pad(prompts[:2], seed=4)
+    plain = gen.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    fast = gen.generate(ids, attention_mask=mask, max_new_tokens=NEW, speculate="self:2")
+    assert torch.equal(fast, plain)
+    assert "draft" in gen.last_stats["stages"]  # the exit at block 2 drafted: the early-exit pieces ran
+
+
 def _decode_twice(graph, ids):
     """Logits and new K/V of a ``kv_cache(mode=decode)`` graph over ``ids`` in two chunks (the
     second attends to the first's K/V), with the first row left-padded by one token."""
