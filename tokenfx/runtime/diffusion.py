@@ -51,6 +51,7 @@ import torch
 from tokenfx.errors import DiffusionError, GenerationError, MappingError
 from tokenfx.frontends.load import decoder_graph, load_decoder, model_config
 from tokenfx.ir.graph import ModelGraph, max_tokens
+from tokenfx.runtime.batch import left_padded
 from tokenfx.runtime.unmasking import Policy, RoundState, enforce_budget, make_policy
 
 CACHES = ("none", "prefix", "dual")
@@ -298,21 +299,7 @@ class Diffuser:
         return make_policy(policy, **options)
 
     def _check_inputs(self, input_ids, attention_mask, gen_length):
-        ids = torch.as_tensor(input_ids)
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.numel() == 0:
-            raise GenerationError(f"input_ids must be a non-empty [batch, tokens] integer tensor, got shape {tuple(ids.shape)}")
-        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(ids.device).long()
-        if mask.dim() == 1:
-            mask = mask[None]
-        if mask.shape != ids.shape:
-            raise GenerationError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
-        if not bool((mask.sum(-1) > 0).all()):
-            raise GenerationError("attention_mask: every row needs at least one real token")
-        if bool((mask[:, 1:] < mask[:, :-1]).any()):
-            raise GenerationError("attention_mask has padding on the right; diffusion expects left padding "
-                                  "(tokenizer.padding_side = 'left')")
+        ids, mask = left_padded(input_ids, attention_mask, caller="diffusion")
         if not isinstance(gen_length, int) or gen_length < 1:
             raise DiffusionError(f"gen_length must be a positive integer; got {gen_length!r}")
         limit = self.max_positions

@@ -39,6 +39,7 @@ from tokenfx.errors import GenerationError, MappingError
 from tokenfx.frontends.load import decoder_graph, load_decoder
 from tokenfx.ir.graph import ModelGraph
 from tokenfx.ir.kv_layout import KVLayout
+from tokenfx.runtime.batch import left_padded
 from tokenfx.runtime.kv import PrefixCache
 from tokenfx.runtime.speculative.verify import sample_token
 from tokenfx.runtime.timing import RoundClock
@@ -416,21 +417,7 @@ class Generator:
 
     # -- pieces -------------------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p):
-        ids = torch.as_tensor(input_ids)
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.numel() == 0:
-            raise GenerationError(f"input_ids must be a non-empty [batch, tokens] integer tensor, got shape {tuple(ids.shape)}")
-        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(ids.device).long()
-        if mask.dim() == 1:
-            mask = mask[None]
-        if mask.shape != ids.shape:
-            raise GenerationError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
-        if not bool((mask.sum(-1) > 0).all()):
-            raise GenerationError("attention_mask: every row needs at least one real token")
-        if bool((mask[:, 1:] < mask[:, :-1]).any()):
-            raise GenerationError("attention_mask has padding on the right; tokenfx.generate expects left padding "
-                                  "(tokenizer.padding_side = 'left')")
+        ids, mask = left_padded(input_ids, attention_mask, caller="tokenfx.generate")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         limit = self.layout.max_positions
