@@ -106,7 +106,8 @@ def _kv_compare_worker(rank, world, cases):
 
     out = {}
     for name, labels in cases:  # captured here: a .pt2 loads without the config and LM head kv_cache needs
-        full = decoder_graph(_qwen2(heads=4, kv_heads=1) if name == "qwen2_h4_kv1" else load_decoder(name))
+        models = {"qwen2_h4_kv1": lambda: _qwen2(heads=4, kv_heads=1), "gpt2": lambda: gpt2(layers=2)}
+        full = decoder_graph(models[name]() if name in models else load_decoder(name))
         vocab = int(full.config.vocab_size)
         for label in labels:
             options, tree = KV_GRAPHS[label]
@@ -208,6 +209,7 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tp")
     out = {f"llama_h4_kv{kv}": (str(save_pt2(_graph(4, kv), folder / f"llama_h4_kv{kv}.pt2")), "mask")
            for kv in (2, 1)}
+    out["gpt2"] = (str(save_pt2(_gpt2_graph(), folder / "gpt2.pt2")), "mask")
     qwen2 = decoder_graph(_qwen2(heads=4, kv_heads=1))  # input_ids only: what kv_cache takes
     out["qwen2_h4_kv1"] = (str(save_pt2(qwen2, folder / "qwen2_h4_kv1.pt2")), 100)
     tiny = decoder_graph(load_decoder("tokenfx:tiny-code"))
@@ -219,7 +221,8 @@ def saved(tmp_path_factory):
 TWO_RANK_CASES = ("llama_h4_kv2",  # kv-heads split across the ranks (one each)
                   "llama_h4_kv1",  # kv_heads < world size: the one kv-head replicated
                   "qwen2_h4_kv1",  # q/k/v biases (sliced with their rows), one kv-head replicated
-                  "tiny_code")  # trained, 8 heads / 2 kv-heads, 6 blocks, tied head
+                  "tiny_code",  # trained, 8 heads / 2 kv-heads, 6 blocks, tied head
+                  "gpt2")  # fused c_attn (Conv1D, addmm), learned positions, LayerNorms, biases, tied head
 
 
 @pytest.mark.parametrize("name", TWO_RANK_CASES)
@@ -235,7 +238,8 @@ def test_two_ranks_give_the_single_rank_logits(name, saved):
 # tree graph is decode with the cache written in place, plus a tree mask); tiny-code's prefill
 # and decode graphs are compared in tests/runtime/test_tp_generate.py, where the Generator
 # builds them anyway
-KV_CASES = (("qwen2_h4_kv1", ("prefill", "decode_output", "tree_verify")),)
+KV_CASES = (("qwen2_h4_kv1", ("prefill", "decode_output", "tree_verify")),
+            ("gpt2", ("prefill", "decode_output")))  # the fused c_attn's k and v parts written to the cache
 
 
 @functools.lru_cache(maxsize=None)
@@ -393,8 +397,33 @@ def test_kv_heads_that_ranks_cannot_share_are_refused():
         TensorParallel(world_size=2, rank=0).run(graph)
 
 
-def test_gpt2_fused_qkv_is_refused():
-    graph = tokenfx.capture(gpt2(layers=1), token_inputs(2, 7))
-    with pytest.raises(PassOptionError, match=r"block transformer\.h\.0 computes q, k and v with one fused "
-                                              r"projection"):
-        TensorParallel(world_size=2, rank=0).run(graph)
+# -- fused QKV (GPT-2's c_attn) ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _gpt2_graph():
+    return tokenfx.capture(gpt2(layers=2), token_inputs(2, 7))  # hidden 32: 4 heads × 8, MLP width 128
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gpt2_fused_qkv_keeps_each_ranks_q_k_v_columns(world):
+    """Rank r's c_attn weight [C, 3·C/W] (and bias) is its heads' columns of q, of k and of v side by
+    side; the split after it cuts C/W per part; c_fc is cut by columns, c_proj by rows (Conv1D
+    weights are [in, out]); each block all-reduces twice."""
+    graph = _gpt2_graph()
+    full = graph.structure.blocks[0].attention[0]
+    w, b = _weight(graph, full.q_proj), full.q_proj.args[0]
+    w_bias = graph.gm.get_parameter(b.target)
+    c, local = 32, 32 // world
+    for rank in range(world):
+        sharded = TensorParallel(world_size=world, rank=rank).run(graph).graph
+        block = sharded.structure.blocks[0]
+        a = block.attention[0]
+        assert (a.heads, a.kv_heads, a.head_dim) == (4 // world, 4 // world, 8)
+        cols = [part * c + rank * local + i for part in range(3) for i in range(local)]
+        assert torch.equal(_weight(sharded, a.q_proj), w[:, cols])
+        assert torch.equal(sharded.gm.get_parameter(a.q_proj.args[0].target), w_bias[cols])
+        (split,) = [n for n in block.nodes if n.target is torch.ops.aten.split.Tensor]
+        assert split.args[1] == local
+        fc, proj = block.mlp
+        assert _weight(sharded, fc).shape == (32, 128 // world) and _weight(sharded, proj).shape == (128 // world, 32)
+        assert _weight(sharded, a.o_proj).shape == (local, 32)
+        assert sharded.count(ALL_REDUCE) == 2 * len(sharded.structure.blocks) == sharded.count(WAIT)

@@ -79,12 +79,18 @@ _REPEATS = A._ops("expand", "repeat_interleave.self_int")
 @dataclasses.dataclass
 class _Shard:
     """One projection's slice: ``parallel`` is "column" (output rows ``lo:hi``) or "row"
-    (input columns ``lo:hi``)."""
+    (input columns ``lo:hi``). A fused QKV projection keeps several output ranges (its q, k
+    and v heads), concatenated in order: ``more`` holds the ranges after the first."""
 
     node: torch.fx.Node
     parallel: str
     lo: int
     hi: int
+    more: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return ((self.lo, self.hi),) + self.more
 
 
 @register
@@ -111,8 +117,9 @@ class TensorParallel(Pass):
         structure = graph.structure
         shards: list[_Shard] = []
         repeats: dict[torch.fx.Node, tuple[int, int]] = {}  # GQA repeat node -> (old factor, new factor)
+        resplits: dict[torch.fx.Node, tuple] = {}  # a fused QKV output's split / slice -> its rank-local args
         for block in structure.blocks:
-            attention = _attention_shards(block, world, rank, repeats)
+            attention = _attention_shards(block, world, rank, repeats, resplits)
             shards += attention + _mlp_shards(block, world, rank, {s.node for s in attention})
         stats = {"world_size": world, "rank": rank, "blocks": len(structure.blocks)}
         if world == 1:
@@ -122,6 +129,8 @@ class TensorParallel(Pass):
         old_shapes = {n: A.shape(n) for n in g.nodes}
         cache_input = _shrink_cache_input(graph, world, rank) if graph.kv is not None else None
         all_reduces = 0
+        for node, (target, args) in resplits.items():
+            node.target, node.args, node.kwargs = target, args, {}
         for shard in shards:
             _slice_weight(gm, shard)
             if shard.parallel == "row":
@@ -143,22 +152,25 @@ class TensorParallel(Pass):
 
 
 # -- plan --------------------------------------------------------------------------------------------
-def _attention_shards(block, world: int, rank: int, repeats: dict) -> list[_Shard]:
+def _attention_shards(block, world: int, rank: int, repeats: dict, resplits: dict) -> list[_Shard]:
     if len(block.attention) != 1:
         raise PassOptionError(f"tensor_parallel: block {block.name} has {len(block.attention)} attention cores; "
                               "only one per block is supported")
     a = block.attention[0]
     heads, kv_heads, d = a.heads, a.kv_heads, a.head_dim
-    if a.q_proj is not None and (a.k_proj is None or a.v_proj is None):
+    split = _output_split(a.q_proj) if a.q_proj is not None else None
+    fused = split is not None and a.k_proj in (None, a.q_proj) and a.v_proj in (None, a.q_proj)
+    if fused:  # in a kv_cache graph the ModelMap's walk from K/V ends at the cache: k_proj / v_proj are None
+        a = dataclasses.replace(a, k_proj=a.q_proj, v_proj=a.q_proj)
+    elif a.q_proj is not None and (a.k_proj is None or a.v_proj is None):
         a = _with_cached_kv_projections(block, a)
     projections = (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
     if any(p is None for p in projections):
         raise PassOptionError(f"tensor_parallel: block {block.name}: attention projections not all found "
                               "(q, k, v, o)")
-    if a.q_proj is a.k_proj or a.k_proj is a.v_proj:
-        raise PassOptionError(f"tensor_parallel: block {block.name} computes q, k and v with one fused projection "
-                              "(e.g. GPT-2's c_attn); its head slices are not contiguous rows, so head sharding "
-                              "is not supported for it")
+    if not fused and (a.q_proj is a.k_proj or a.k_proj is a.v_proj or a.q_proj is a.v_proj):
+        raise PassOptionError(f"tensor_parallel: block {block.name} computes two of q, k, v with one projection "
+                              f"({a.k_proj.name}) whose output is not split along its last dim into q, k and v parts")
     if heads % world:
         raise PassOptionError(f"tensor_parallel: block {block.name} has {heads} attention heads, not divisible "
                               f"by world_size={world}")
@@ -169,17 +181,117 @@ def _attention_shards(block, world: int, rank: int, repeats: dict) -> list[_Shar
     group = heads // kv_heads  # q heads per kv head (GQA)
     kv_lo = rank * local // group  # the kv-head of this rank's first q head
     kv_local = max(1, kv_heads // world)
-    widths = {a.q_proj: heads * d, a.k_proj: kv_heads * d, a.v_proj: kv_heads * d}
-    for p, width in widths.items():
-        if _out_features(p) != width:
-            raise PassOptionError(f"tensor_parallel: block {block.name}: projection {p.name} has "
-                                  f"{_out_features(p)} outputs, not heads × head_dim = {width}")
+    q_range, kv_range = (rank * local * d, (rank + 1) * local * d), (kv_lo * d, (kv_lo + kv_local) * d)
+    if fused:
+        columns = [_fused_qkv_shard(block, a, split, q_range, kv_range, resplits)]
+    else:
+        widths = {a.q_proj: heads * d, a.k_proj: kv_heads * d, a.v_proj: kv_heads * d}
+        for p, width in widths.items():
+            if _out_features(p) != width:
+                raise PassOptionError(f"tensor_parallel: block {block.name}: projection {p.name} has "
+                                      f"{_out_features(p)} outputs, not heads × head_dim = {width}")
+        columns = [_Shard(a.q_proj, "column", *q_range), _Shard(a.k_proj, "column", *kv_range),
+                   _Shard(a.v_proj, "column", *kv_range)]
     for node in _gqa_repeats(a):
         repeats[node] = (group, local // kv_local)
-    return [_Shard(a.q_proj, "column", rank * local * d, (rank + 1) * local * d),
-            _Shard(a.k_proj, "column", kv_lo * d, (kv_lo + kv_local) * d),
-            _Shard(a.v_proj, "column", kv_lo * d, (kv_lo + kv_local) * d),
-            _Shard(a.o_proj, "row", rank * local * d, (rank + 1) * local * d)]
+    return columns + [_Shard(a.o_proj, "row", *q_range)]
+
+
+@dataclasses.dataclass
+class _Split:
+    """A projection's output cut along its last dim: ``node`` is the ``split`` /
+    ``split_with_sizes`` (``kind`` "split", parts are its getitems) or ``None`` (``kind``
+    "slice", parts are ``slice`` nodes); ``parts``: ``(part node, lo, hi)`` in column order."""
+
+    kind: str
+    node: torch.fx.Node | None
+    dim: int
+    parts: list
+
+
+def _output_split(proj: torch.fx.Node) -> _Split | None:
+    """How a fused QKV projection's output is cut into q, k and v (through views that keep the
+    last dim), or None when it is not cut: that is what tells a fused projection apart."""
+    x, width = proj, _out_features(proj)
+    while len(x.users) == 1:
+        (u,) = x.users
+        if u.target not in _RESHAPES or A.shape(u) is None or A.shape(u)[-1] != width:
+            break
+        x = u
+    ndim, users = len(A.shape(x)), list(x.users)
+    if len(users) == 1 and users[0].target in (aten.split.Tensor, aten.split_with_sizes.default):
+        (sp,) = users
+        dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
+        if dim % ndim != ndim - 1:
+            return None
+        sizes = sp.args[1]
+        if isinstance(sizes, int):  # split(x, size): equal chunks, the last one shorter
+            sizes = [min(sizes, width - lo) for lo in range(0, width, sizes)]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        parts = []
+        for u in sp.users:
+            if u.op != "call_function" or u.target.__name__ != "getitem":
+                return None
+            i = u.args[1]
+            parts.append((u, offsets[i], offsets[i + 1]))
+        return _Split("split", sp, ndim - 1, sorted(parts, key=lambda p: p[1]))
+    parts = []
+    for u in users:
+        if u.target is not aten.slice.Tensor or (u.args[1] if len(u.args) > 1 else 0) % ndim != ndim - 1:
+            return None
+        if (u.args[4] if len(u.args) > 4 else 1) != 1:
+            return None
+        lo, hi = (u.args[2] if len(u.args) > 2 else 0) or 0, u.args[3] if len(u.args) > 3 else width
+        if not isinstance(lo, int) or not isinstance(hi, int):
+            return None
+        parts.append((u, lo % width if lo < 0 else lo, min(hi if hi >= 0 else hi + width, width)))
+    if len(parts) < 2:
+        return None
+    return _Split("slice", None, ndim - 1, sorted(parts, key=lambda p: p[1]))
+
+
+def _fused_qkv_shard(block, a, split: _Split, q_range, kv_range, resplits: dict) -> _Shard:
+    """One projection computing q, k and v (GPT-2's ``c_attn``, weight ``[C, (H + 2·KV)·D]``,
+    column blocks cut apart by ``split``): the rank keeps its q heads' columns and its kv-heads'
+    columns of each of k and v, concatenated in the same order, and the cut gets the local
+    widths (``H·D → H'·D``, ``KV·D → KV'·D``). The part feeding the core's q is q; the two others
+    are k and v, sliced alike (so which is which does not matter, as in a kv_cache graph)."""
+    d = a.head_dim
+    covered = [lo for _, lo, _ in split.parts] + [split.parts[-1][2]]
+    if covered[0] != 0 or covered[-1] != _out_features(a.q_proj) or any(
+            hi != lo for (_, _, hi), (_, lo, _) in zip(split.parts, split.parts[1:])):
+        raise PassOptionError(f"tensor_parallel: block {block.name}: the fused projection {a.q_proj.name}'s output "
+                              f"is not cut into contiguous parts covering it ({[p[1:] for p in split.parts]})")
+    q_ancestors = A.ancestors(a.q)
+    is_q = [node in q_ancestors or node is a.q for node, _, _ in split.parts]
+    widths = [hi - lo for _, lo, hi in split.parts]
+    expected = sorted([a.heads * d, a.kv_heads * d, a.kv_heads * d])
+    if len(split.parts) != 3 or sum(is_q) != 1 or sorted(widths) != expected or widths[is_q.index(True)] != a.heads * d:
+        raise PassOptionError(f"tensor_parallel: block {block.name}: the fused projection {a.q_proj.name} is cut into "
+                              f"parts of widths {widths}, not q ({a.heads} heads × {d}) and k, v "
+                              f"({a.kv_heads} kv-heads × {d}) each")
+    ranges, new_parts, at = [], [], 0
+    for (node, lo, _), q in zip(split.parts, is_q):
+        r_lo, r_hi = q_range if q else kv_range
+        ranges.append((lo + r_lo, lo + r_hi))
+        new_parts.append((node, at, at + r_hi - r_lo))
+        at += r_hi - r_lo
+    if split.kind == "split":
+        sp = split.node
+        sizes = [hi - lo for _, lo, hi in new_parts]
+        # the getitem indices keep their meaning: sizes in the original part order
+        by_index = [0] * len(sizes)
+        for node, lo, hi in new_parts:
+            by_index[node.args[1]] = hi - lo
+        if len(set(by_index)) == 1 and sp.target is aten.split.Tensor:
+            resplits[sp] = (aten.split.Tensor, (sp.args[0], by_index[0], split.dim))
+        else:
+            resplits[sp] = (aten.split_with_sizes.default, (sp.args[0], by_index, split.dim))
+    else:
+        for node, lo, hi in new_parts:
+            resplits[node] = (aten.slice.Tensor, (node.args[0], split.dim, lo, hi))
+    (first, *more) = ranges
+    return _Shard(a.q_proj, "column", *first, more=tuple(more))
 
 
 def _with_cached_kv_projections(block, a):
@@ -294,11 +406,15 @@ def _slice_weight(gm, shard: _Shard) -> None:
     attr, out_axis, bias = _weight_layout(node)
     weight = _fetch(gm, attr.target)
     axis = out_axis if shard.parallel == "column" else 1 - out_axis
-    new_w = _new_tensor(gm, attr, weight.narrow(axis, shard.lo, shard.hi - shard.lo), f"_{shard.lo}_{shard.hi}")
+    suffix = "".join(f"_{lo}_{hi}" for lo, hi in shard.ranges)
+
+    def cut(t: torch.Tensor, dim: int) -> torch.Tensor:  # a fused QKV shard: its q, k and v pieces side by side
+        return torch.cat([t.narrow(dim, lo, hi - lo) for lo, hi in shard.ranges], dim)
+
+    new_w = _new_tensor(gm, attr, cut(weight, axis), suffix)
     attr.replace_all_uses_with(new_w, delete_user_cb=lambda u: u is node or node in u.users)
     if shard.parallel == "column" and isinstance(bias, torch.fx.Node):
-        b = _fetch(gm, bias.target)
-        new_b = _new_tensor(gm, bias, b.narrow(-1, shard.lo, shard.hi - shard.lo), f"_{shard.lo}_{shard.hi}")
+        new_b = _new_tensor(gm, bias, cut(_fetch(gm, bias.target), -1), suffix)
         node.replace_input_with(bias, new_b)
 
 
