@@ -5,7 +5,9 @@ kv-heads a rank holds) is checked without a process group; bad input gets one er
 the block and the counts. ``kv_cache`` graphs (prefill, decode with the cache written in
 place or returned, and the ``tree_verify`` graph on top of decode) are sharded too: each
 rank's cache input and ``new_kv`` output hold its kv-heads only (a replica when kv_heads <
-world size), and its logits equal the single-rank graph's for the same cache.
+world size), and its logits equal the single-rank graph's for the same cache. GPT-2's fused
+c_attn (one Conv1D for q, k and v, split after it) is sharded by taking each part's columns for
+the rank's heads, on the full-sequence graph and on prefill / decode kv graphs.
 
 The spawn harness is bounded: every rank has a process-group timeout, results and errors come
 back through a queue, the first rank error fails the test with that rank's traceback, and

@@ -42,12 +42,20 @@ How, from the ModelMap (no model-family cases):
    the rank's heads only. Attention there reads K/V from the cache, so the ModelMap finds no K/V
    projections behind the core; they are the q projection's two siblings (same input) with
    ``KV·D`` outputs, sliced alike.
+6. fused QKV projections (GPT-2's ``c_attn``: HF Conv1D, ``addmm(b, x, W[C, (H+2·KV)·D])``,
+   its output cut into q | k | v by ``split`` / ``split_with_sizes`` / last-dim ``slice``s):
+   the rank's weight is its q heads' columns, then its kv-heads' columns of k and of v,
+   concatenated (``[C, (H'+2·KV')·D]``, bias alike), and the cut gets the local widths. The
+   part feeding the core's q is q; the other two are k and v (sliced alike, so which is which
+   does not matter, also in a kv_cache graph whose K/V come from the cache). Weight layout
+   (``linear``'s ``[out, in]`` vs ``addmm`` / ``mm``'s ``[in, out]``) is read from the op, so
+   Conv1D's ``c_fc`` / ``c_proj`` are column / row parallel like any projection.
 
 Refused with one :class:`PassOptionError` naming the block and counts: heads, kv-heads
 (when neither ``KV % W`` nor ``W % KV`` is 0) or MLP width not divisible by the world size;
-fused QKV projections (GPT-2's ``c_attn``: one weight holding q, k and v, whose head
-slices are not contiguous); MLPs that are not "input projections → one output projection";
-a kv graph sharded already.
+a fused projection not cut into one q part and two k/v parts of the head widths, or two of
+q, k, v sharing a projection whose output is not cut; MLPs that are not "input projections →
+one output projection"; a kv graph sharded already.
 
 The pass mutates the graph it is handed (a clone: ``Pass.run`` and the PassManager make it).
 It does not need a process group to rewrite; running the result needs one of ``world_size``
