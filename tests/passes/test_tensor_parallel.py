@@ -7,7 +7,9 @@ place or returned, and the ``tree_verify`` graph on top of decode) are sharded t
 rank's cache input and ``new_kv`` output hold its kv-heads only (a replica when kv_heads <
 world size), and its logits equal the single-rank graph's for the same cache. GPT-2's fused
 c_attn (one Conv1D for q, k and v, split after it) is sharded by taking each part's columns for
-the rank's heads, on the full-sequence graph and on prefill / decode kv graphs.
+the rank's heads, on the full-sequence graph and on prefill / decode kv graphs. With
+``vocab_parallel`` the head computes the rank's vocabulary rows and an all-gather rebuilds the
+full logits on every rank (full-sequence and decode graphs, tied and untied heads).
 
 The spawn harness is bounded: every rank has a process-group timeout, results and errors come
 back through a queue, the first rank error fails the test with that rank's traceback, and
@@ -32,7 +34,7 @@ import tokenfx
 from models import gpt2, llama, token_inputs
 from tokenfx.errors import PassOptionError
 from tokenfx.passes.base import PassManager, parse_pipeline, tolerance_for
-from tokenfx.passes.tensor_parallel import ALL_REDUCE, WAIT, TensorParallel
+from tokenfx.passes.tensor_parallel import ALL_GATHER, ALL_REDUCE, WAIT, TensorParallel
 
 RANK_TIMEOUT_S = 60  # process group + each collective
 GROUP_DEADLINE_S = 150  # a whole spawned group, imports and captures included
@@ -97,7 +99,7 @@ def _rank_kv_heads(layout, world: int, rank: int) -> slice:
     return slice(first, first + max(1, layout.kv_heads // world))
 
 
-def _kv_compare_worker(rank, world, cases):
+def _kv_compare_worker(rank, world, cases, vocab_parallel=False):
     """Per case and kv graph: the single-rank kv graph and this rank's shard run on the same
     inputs (a random cache, seeded alike on every rank; the shard gets its kv-heads of it)."""
     from tokenfx.ir.kv_layout import example_inputs
@@ -108,14 +110,15 @@ def _kv_compare_worker(rank, world, cases):
 
     out = {}
     for name, labels in cases:  # captured here: a .pt2 loads without the config and LM head kv_cache needs
-        models = {"qwen2_h4_kv1": lambda: _qwen2(heads=4, kv_heads=1), "gpt2": lambda: gpt2(layers=2)}
+        models = {"qwen2_h4_kv1": lambda: _qwen2(heads=4, kv_heads=1), "gpt2": lambda: gpt2(layers=2),
+                  "llama_h4_kv2": lambda: llama(layers=2, heads=4, kv_heads=2)}
         full = decoder_graph(models[name]() if name in models else load_decoder(name))
         vocab = int(full.config.vocab_size)
         for label in labels:
             options, tree = KV_GRAPHS[label]
             passes = [KVCache(**options)] + ([TreeVerify()] if tree else [])
             single = PassManager(passes).run(full).graph
-            sharded = TensorParallel(world_size=world, rank=rank).run(single).graph
+            sharded = TensorParallel(world_size=world, rank=rank, vocab_parallel=vocab_parallel).run(single).graph
             args = list(example_inputs(single.kv, batch=2, tokens=4, past=5, vocab=vocab))
             heads = _rank_kv_heads(single.kv, world, rank)
             if "kv_cache" in single.kv.inputs:
@@ -375,6 +378,9 @@ def test_the_rank_graph_exports():
 def test_the_pipeline_syntax_reaches_it():
     (p,) = parse_pipeline("tensor_parallel(world_size=4, rank=3)")
     assert isinstance(p, TensorParallel) and (p.options.world_size, p.options.rank) == (4, 3)
+    assert not p.options.vocab_parallel
+    (p,) = parse_pipeline("tensor_parallel(world_size=2, rank=1, vocab_parallel=true)")
+    assert p.options.vocab_parallel
     with pytest.raises(PassOptionError, match=r"rank must be in \[0, 2\), got 2"):
         parse_pipeline("tensor_parallel(world_size=2, rank=2)")
 
@@ -429,3 +435,91 @@ def test_gpt2_fused_qkv_keeps_each_ranks_q_k_v_columns(world):
         assert _weight(sharded, fc).shape == (32, 128 // world) and _weight(sharded, proj).shape == (128 // world, 32)
         assert _weight(sharded, a.o_proj).shape == (local, 32)
         assert sharded.count(ALL_REDUCE) == 2 * len(sharded.structure.blocks) == sharded.count(WAIT)
+
+
+# -- vocab-parallel head -----------------------------------------------------------------------------------
+VOCAB_CASES = ("llama_h4_kv2",  # untied head, vocabulary 100 → 50 rows per rank
+               "tiny_code")  # trained, tied head: the embedding keeps the full table, the head its rows
+VOCAB_KV_CASES = (("llama_h4_kv2", ("decode_output", "decode_inplace")),)
+
+
+def _vocab_worker(rank, world, cases, kv_cases):
+    """One spawned group for both: full-sequence graphs and kv_cache decode graphs, vocab-parallel.
+    The graphs are captured here, not loaded from .pt2: a loaded graph's ModelMap finds no head
+    (its final norm ends before the norm weight's multiply, so the head's input is not the norm
+    output), and the head is what this shards."""
+    from tokenfx.frontends.load import decoder_graph, load_decoder
+
+    out = {}
+    for name in cases:
+        if name == "llama_h4_kv2":
+            graph, inputs = tokenfx.capture(llama(layers=2, heads=4, kv_heads=2), token_inputs(2, 7)), \
+                token_inputs(*RUN_SHAPE, seed=1)
+        else:
+            graph = decoder_graph(load_decoder(f"tokenfx:{name.replace('_', '-')}"))
+            vocab = int(graph.config.vocab_size)
+            inputs = {"input_ids": torch.randint(0, vocab, RUN_SHAPE, generator=torch.Generator().manual_seed(1))}
+        reference = _run(graph, inputs)
+        sharded = TensorParallel(world_size=world, rank=rank, vocab_parallel=True).run(graph).graph
+        logits = _run(sharded, inputs)
+        out[name] = (float((logits - reference).abs().max()), tolerance_for(reference, "exact"),
+                     tuple(logits.shape) == tuple(reference.shape))
+    return {"full": out, "kv": _kv_compare_worker(rank, world, kv_cases, True)}
+
+
+@pytest.fixture(scope="module")
+def vocab_compared():
+    return spawn_ranks(2, _vocab_worker, VOCAB_CASES, VOCAB_KV_CASES)
+
+
+@pytest.mark.parametrize("name", VOCAB_CASES)
+def test_vocab_parallel_head_gives_every_rank_the_single_rank_logits(name, vocab_compared):
+    for rank, by_kind in enumerate(vocab_compared):
+        error, tol, same_shape = by_kind["full"][name]
+        assert same_shape, f"rank {rank}: logits shape changed"
+        assert error <= tol, f"{name} rank {rank}: |tp - single| = {error:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("name, label", [(name, label) for name, labels in VOCAB_KV_CASES for label in labels])
+def test_vocab_parallel_decode_graphs_give_the_single_rank_logits(name, label, vocab_compared):
+    for rank, by_kind in enumerate(vocab_compared):
+        logits_error, tol, kv_error, kv_shape, ref_kv_shape, _ = by_kind["kv"][(name, label)]
+        assert logits_error <= tol, f"{name} {label} rank {rank}: |tp - single| = {logits_error:.3g} > {tol:.3g}"
+        assert kv_error <= tol and kv_shape[3] == ref_kv_shape[3] // 2, (kv_error, kv_shape, ref_kv_shape)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_head_holds_its_rows_and_gathers_once(world):
+    """Rank r's head weight is rows [r·V/W, (r+1)·V/W) of the full one; one all-gather (and its
+    wait) follows it; the logits keep the full vocabulary (fake shapes re-propagated)."""
+    graph = _graph(4, 2)  # vocabulary 100, hidden 32
+    full = _weight(graph, graph.structure.head)
+    vocab, local = full.shape[0], full.shape[0] // world
+    rows = []
+    for rank in range(world):
+        sharded = TensorParallel(world_size=world, rank=rank, vocab_parallel=True).run(graph).graph
+        head = sharded.structure.head
+        rows.append(_weight(sharded, head))
+        assert rows[-1].shape == (local, 32)
+        assert sharded.count(ALL_GATHER) == 1 and sharded.count(WAIT) == 2 * len(sharded.structure.blocks) + 1
+        (gather,) = head.users
+        assert gather.target is ALL_GATHER and gather.args[1] == world
+        (out,) = [n for n in sharded.gm.graph.nodes if n.op == "output"]
+        assert out.args[0][0].meta["val"].shape[-1] == vocab
+    assert torch.equal(torch.cat(rows), full)
+    plain = TensorParallel(world_size=world, rank=0).run(graph).graph
+    assert plain.count(ALL_GATHER) == 0 and _weight(plain, plain.structure.head).shape == full.shape
+
+
+def test_vocab_parallel_rank_graph_exports():
+    graph = _graph(4, 2)
+    sharded = TensorParallel(world_size=2, rank=1, vocab_parallel=True).run(graph).graph
+    ep = torch.export.export(sharded.gm, (), dict(graph.example_kwargs), strict=False)
+    assert [n.target for n in ep.graph.nodes].count(ALL_GATHER) == 1
+
+
+def test_vocab_not_divisible_names_the_head_and_counts():
+    graph = tokenfx.capture(llama(layers=1, heads=8, kv_heads=8), token_inputs(2, 7))  # blocks split 8 ways
+    with pytest.raises(PassOptionError, match=r"head lm_head has a vocabulary of 100, not divisible by world_size=8"):
+        TensorParallel(world_size=8, rank=0, vocab_parallel=True).run(graph)
+    TensorParallel(world_size=8, rank=0).run(graph)  # a replicated head does not need it

@@ -19,6 +19,17 @@ After, for rank ``r`` of ``W`` (``H' = H/W`` heads, ``KV'`` kv-heads, ``I' = I/W
     h = x + (o + bo)                                                  # bias after the sum
     h = h + wait_tensor(all_reduce(linear(silu(...) * ..., Wd[:, r·I' : (r+1)·I']), "sum"))
 
+With ``vocab_parallel=True`` the LM head (vocabulary ``V``, ``V' = V/W``) is vocab-parallel too::
+
+    Before:  logits = linear(h, Wh[V, C], bh)                                    # [B, N, V]
+    After:   part = linear(h, Wh[r·V' : (r+1)·V'], bh[r·V' : (r+1)·V'])          # [B, N, V']
+             g = wait_tensor(all_gather_into_tensor(part, W, group))             # [W·B, N, V']
+             logits = flatten(movedim(unflatten(g, 0, [W, -1]), 0, -2), -2, -1)  # [B, N, V]
+
+Every rank ends with the full logits, each vocabulary row computed by one rank only (the
+same dot products as the single-rank graph: exact, no reduction). A tied head gets its own
+row slice as a new parameter; the embedding lookup keeps the full (replicated) table.
+
 How, from the ModelMap (no model-family cases):
 
 1. per block, q/k/v and the MLP's input projections are column-parallel (rows of the weight,
@@ -50,12 +61,18 @@ How, from the ModelMap (no model-family cases):
    does not matter, also in a kv_cache graph whose K/V come from the cache). Weight layout
    (``linear``'s ``[out, in]`` vs ``addmm`` / ``mm``'s ``[in, out]``) is read from the op, so
    Conv1D's ``c_fc`` / ``c_proj`` are column / row parallel like any projection.
+7. ``vocab_parallel``: the ModelMap's head is a column shard of its vocabulary rows (as q's
+   rows are); the all-gather stacks the ranks' ``[B, ..., V']`` parts along dim 0 (all the
+   functional collective gathers along), and ``unflatten`` / ``movedim`` / ``flatten`` put the
+   rank axis next to the vocabulary axis so the parts concatenate along it in rank order. Sizes
+   are never literals, so dynamic batch and sequence dims stay dynamic.
 
 Refused with one :class:`PassOptionError` naming the block and counts: heads, kv-heads
 (when neither ``KV % W`` nor ``W % KV`` is 0) or MLP width not divisible by the world size;
 a fused projection not cut into one q part and two k/v parts of the head widths, or two of
 q, k, v sharing a projection whose output is not cut; MLPs that are not "input projections →
-one output projection"; a kv graph sharded already.
+one output projection"; a kv graph sharded already; with ``vocab_parallel``, a graph without
+a head or a vocabulary not divisible by the world size (the error names the head).
 
 The pass mutates the graph it is handed (a clone: ``Pass.run`` and the PassManager make it).
 It does not need a process group to rewrite; running the result needs one of ``world_size``
@@ -79,6 +96,7 @@ from tokenfx.passes.base import Pass, PassResult, register
 
 aten = torch.ops.aten
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
 _RESHAPES = A._ops("view", "_unsafe_view", "reshape")
 _REPEATS = A._ops("expand", "repeat_interleave.self_int")
@@ -112,6 +130,7 @@ class TensorParallel(Pass):
     class Options:
         world_size: int = 2
         rank: int = 0
+        vocab_parallel: bool = False  # the head computes the rank's vocabulary rows; logits all-gathered
 
         def __post_init__(self):
             if self.world_size < 1:
@@ -129,7 +148,9 @@ class TensorParallel(Pass):
         for block in structure.blocks:
             attention = _attention_shards(block, world, rank, repeats, resplits)
             shards += attention + _mlp_shards(block, world, rank, {s.node for s in attention})
-        stats = {"world_size": world, "rank": rank, "blocks": len(structure.blocks)}
+        head = _head_shard(structure, world, rank) if self.options.vocab_parallel else None
+        stats = {"world_size": world, "rank": rank, "blocks": len(structure.blocks),
+                 "vocab_parallel": self.options.vocab_parallel}
         if world == 1:
             return PassResult(graph, matched=[], stats=stats)
 
@@ -144,6 +165,9 @@ class TensorParallel(Pass):
             if shard.parallel == "row":
                 _reduce_after(gm, shard.node, _group_name())
                 all_reduces += 1
+        if head is not None:
+            _slice_weight(gm, head)
+            _gather_after(gm, head.node, world, _group_name())
         try:
             propagate(gm, before_node=lambda n, env: _rederive_sizes(n, env, old_shapes, repeats))
         except PassOptionError:
@@ -155,7 +179,8 @@ class TensorParallel(Pass):
         if graph.kv is not None:
             _shard_layout(graph, world, cache_input)
         graph.invalidate()
-        stats.update(all_reduces=all_reduces, sharded_projections=len(shards))
+        stats.update(all_reduces=all_reduces, all_gathers=int(head is not None),
+                     sharded_projections=len(shards) + int(head is not None))
         return PassResult(graph, matched=[b.name for b in structure.blocks], stats=stats)
 
 
@@ -345,6 +370,20 @@ def _mlp_shards(block, world: int, rank: int, attention: set) -> list[_Shard]:
     return [_Shard(p, "column", lo, hi) for p in inputs] + [_Shard(down, "row", lo, hi)]
 
 
+def _head_shard(structure, world: int, rank: int) -> _Shard:
+    """The LM head's vocabulary rows ``[r·V/W, (r+1)·V/W)`` (a column shard: its outputs)."""
+    head = structure.head
+    if head is None:
+        raise PassOptionError("tensor_parallel: vocab_parallel needs the model's LM head, and the ModelMap "
+                              "found none in this graph")
+    vocab = _out_features(head)
+    if vocab % world:
+        raise PassOptionError(f"tensor_parallel: head {structure.path(head)} has a vocabulary of {vocab}, not "
+                              f"divisible by world_size={world} (vocab_parallel)")
+    local = vocab // world
+    return _Shard(head, "column", rank * local, (rank + 1) * local)
+
+
 def _gqa_repeats(a) -> list[torch.fx.Node]:
     """The expand / repeat_interleave nodes between the K/V projections and the core (GQA's
     head repeat): their factor ``H/KV`` becomes ``H'/KV'`` on a rank."""
@@ -450,6 +489,25 @@ def _reduce_after(gm, node: torch.fx.Node, group: str) -> None:
     inherit_module_path([n for n in (partial, reduced, done, out)], node)
     node.replace_all_uses_with(out)
     g.erase_node(node)
+
+
+def _gather_after(gm, node: torch.fx.Node, world: int, group: str) -> None:
+    """``part [B, ..., V']`` → the full ``[B, ..., V]``: the ranks' parts stacked along dim 0
+    (``[W·B, ..., V']``, rank order), the rank axis moved next to the vocabulary axis, the two
+    merged, so rank ``r``'s part lands at columns ``[r·V', (r+1)·V')``."""
+    g = gm.graph
+    with g.inserting_after(node):
+        gathered = g.call_function(ALL_GATHER, (node, world, group))
+    with g.inserting_after(gathered):
+        done = g.call_function(WAIT, (gathered,))
+    with g.inserting_after(done):
+        by_rank = g.call_function(aten.unflatten.int, (done, 0, [world, -1]))  # [W, B, ..., V']
+    with g.inserting_after(by_rank):
+        beside = g.call_function(aten.movedim.int, (by_rank, 0, -2))  # [B, ..., W, V']
+    with g.inserting_after(beside):
+        logits = g.call_function(aten.flatten.using_ints, (beside, -2, -1))  # [B, ..., V]
+    inherit_module_path([gathered, done, by_rank, beside, logits], node)
+    node.replace_all_uses_with(logits, delete_user_cb=lambda u: u is not gathered)
 
 
 def _group_name() -> str:
