@@ -60,6 +60,19 @@ def test_factory_with_example_inputs():
     assert graph.structure.position == "none"
 
 
+def test_pt2_of_a_decoder_maps_like_its_capture(tmp_path):
+    """A saved program carries dtype asserts the capture had removed; loading removes them too, so
+    the final norm and the LM head are found (tensor_parallel's vocab_parallel needs the head)."""
+    from tokenfx.frontends.onnx import save_pt2
+
+    _, graph = models.captured("llama")
+    loaded = tokenfx.load(save_pt2(graph, tmp_path / "llama.pt2"))
+    assert not loaded.count(torch.ops.aten._assert_tensor_metadata)
+    got, want = loaded.structure.to_json(), graph.structure.to_json()
+    assert (got["head"], got["final_norm"], got["num_blocks"]) == (want["head"], want["final_norm"], want["num_blocks"])
+    assert want["head"] is not None
+
+
 def test_pt2_round_trip_keeps_rewritten_ops(tmp_path):
     from tokenfx.frontends.onnx import save_pt2
 

@@ -34,6 +34,7 @@ import torch
 
 from tokenfx.errors import DiffusionError, ModelLoadError
 from tokenfx.ir.graph import ModelGraph
+from tokenfx.ir.rewrite import remove_identity_ops
 
 
 def load(spec, example_inputs=None) -> ModelGraph:
@@ -143,6 +144,7 @@ def load_pt2(path: Path) -> ModelGraph:
         raise ModelLoadError(f"{path} is not a valid .pt2 file: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
     args, kwargs, dynamic = _examples_from_program(ep)
     gm = ep.module()
+    remove_identity_ops(gm)  # as capture does: a saved program's dtype asserts would hide patterns (the final norm's end)
     return ModelGraph(gm, args, kwargs, dynamic, family=str(ep.graph_module.meta.get("family", "pt2")), source="export")
 
 
