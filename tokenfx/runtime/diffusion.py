@@ -52,6 +52,7 @@ from tokenfx.errors import DiffusionError, GenerationError, MappingError
 from tokenfx.frontends.load import decoder_graph, load_decoder, model_config
 from tokenfx.ir.graph import ModelGraph, max_tokens
 from tokenfx.runtime.batch import left_padded
+from tokenfx.runtime.executor import compile_mode
 from tokenfx.runtime.unmasking import Policy, RoundState, enforce_budget, make_policy
 
 CACHES = ("none", "prefix", "dual")
@@ -101,7 +102,7 @@ class Diffuser:
     """
 
     def __init__(self, model, *, compile: bool | str = "auto", max_positions: int = 0):
-        self.compile, self._compile_strict = _compile_mode(compile)
+        self.compile, self._compile_strict = compile_mode(compile)
         self._max_positions = max_positions
         self.spec = str(model) if isinstance(model, str) or hasattr(model, "__fspath__") else None
         if self.spec is not None:
@@ -387,17 +388,6 @@ def mask_token(model, spec: str | None = None) -> int:
         raise DiffusionError(f"{name} has no mask token: a masked-diffusion LM's config.json names mask_token_id, the "
                              "token it was trained to denoise")
     return int(config["mask_token_id"])
-
-
-def _compile_mode(compile) -> tuple[bool, bool]:
-    """``(compile, strict)`` for ``compile=`` True / False / "auto", as the Generator reads it."""
-    import os
-
-    if compile == "auto":
-        return os.environ.get("TOKENFX_COMPILE", "1").lower() not in ("0", "false", "off", "no"), False
-    if isinstance(compile, bool):
-        return compile, True
-    raise GenerationError(f"compile must be True, False or 'auto', got {compile!r}")
 
 
 # -- the function -------------------------------------------------------------------------------------------

@@ -29,6 +29,18 @@ from tokenfx.cache import cache_dir
 from tokenfx.ir.graph import ModelGraph
 
 
+def compile_mode(compile) -> tuple[bool, bool]:
+    """``(compile, strict)`` for a runtime's ``compile=`` True / False / "auto" (strict: a failed
+    compile raises; "auto" compiles unless ``TOKENFX_COMPILE=0`` and falls back on failure)."""
+    from tokenfx.errors import GenerationError
+
+    if compile == "auto":
+        return os.environ.get("TOKENFX_COMPILE", "1").lower() not in ("0", "false", "off", "no"), False
+    if isinstance(compile, bool):
+        return compile, True
+    raise GenerationError(f"compile must be True, False or 'auto', got {compile!r}")
+
+
 def lower(graph: ModelGraph) -> ModelGraph:
     """``graph`` as the runtime runs it on CPU: each ``aten.linear`` over a weight of the graph
     becomes ``tokenfx::linear`` (the GEMM picked by row count, :mod:`tokenfx.codegen.linear`).

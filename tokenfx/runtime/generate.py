@@ -40,6 +40,7 @@ from tokenfx.frontends.load import decoder_graph, load_decoder
 from tokenfx.ir.graph import ModelGraph
 from tokenfx.ir.kv_layout import KVLayout
 from tokenfx.runtime.batch import left_padded
+from tokenfx.runtime.executor import compile_mode
 from tokenfx.runtime.kv import PrefixCache
 from tokenfx.runtime.speculative.verify import sample_token
 from tokenfx.runtime.timing import RoundClock
@@ -83,7 +84,7 @@ class Generator:
         from tokenfx.runtime.tensor_parallel import rank_of
 
         self.tp = rank_of(tp)
-        self.compile, self._compile_strict = _compile_mode(compile)
+        self.compile, self._compile_strict = compile_mode(compile)
         self._max_positions = max_positions
         self.spec = str(model) if isinstance(model, str) or hasattr(model, "__fspath__") else None
         if self.spec is not None:
@@ -498,17 +499,6 @@ class Generator:
             seq = tokens[row, pads[row]:-1]
             if seq.numel():
                 self.prefix_cache.insert(seq, cache[:, :, row, :, pads[row]:pads[row] + seq.numel()])
-
-
-def _compile_mode(compile) -> tuple[bool, bool]:
-    """``(compile, strict)`` for ``compile=`` True / False / "auto" (strict: a failed compile raises)."""
-    import os
-
-    if compile == "auto":
-        return os.environ.get("TOKENFX_COMPILE", "1").lower() not in ("0", "false", "off", "no"), False
-    if isinstance(compile, bool):
-        return compile, True
-    raise GenerationError(f"compile must be True, False or 'auto', got {compile!r}")
 
 
 def _as_ids(stop) -> list[int]:
